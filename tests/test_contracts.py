@@ -1,0 +1,118 @@
+"""Correctness contracts of the early-exit executor, across many timm families.
+
+With every gate closed the wrapped model is the plain model; with forced exits the samples
+that go on get exactly the plain model's logits and the exited ones their gate's margins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import timm_dgate
+from timm_dgate.scores import exit_score
+
+from .families import FAMILIES
+
+BATCH = 6
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request):
+    name, overrides, size = request.param
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=7, **overrides).eval()
+    gated = timm_dgate.wrap(model, input_size=(3, size, size)).eval()
+    for gate in gated.gates:  # random gates with spread-out margins
+        torch.nn.init.normal_(gate.fc.weight, std=1.0)
+    x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(x)
+    return gated, x, plain
+
+
+def test_family_matrix_covers_25_timm_families():
+    modules = {timm.models.model_entrypoint(name).__module__ for name, _, _ in FAMILIES}
+    assert len(modules) >= 25, sorted(modules)
+
+
+@torch.no_grad()
+def test_closed_gates_give_plain_logits(family):
+    gated, x, plain = family
+    assert all(t == math.inf for t in gated.thresholds)
+    assert close(gated(x), plain)
+    result = gated(x, return_exits=True)  # through the hook engine, not the shortcut
+    assert close(result.logits, plain)
+    assert (result.exits == gated.num_gates).all()
+
+
+def _thresholds_for_spread_exits(gated, x):
+    """Per gate, a threshold midway between two scores so that about 1/(K+1) of the batch leaves."""
+    margins, _ = gated.forward_gates(x)
+    scores = [exit_score(m, gated.exit_score) for m in margins]
+    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    thresholds, exits = [], torch.full((x.shape[0],), gated.num_gates)
+    for k, s in enumerate(scores):
+        ranked = s[alive].sort(descending=True).values
+        take = max(1, len(ranked) // (gated.num_gates + 1 - k))
+        t = float((ranked[take - 1] + ranked[take]) / 2) if take < len(ranked) else float(ranked[-1]) - 1
+        leave = alive & (s >= t)
+        exits[leave] = k
+        alive &= ~leave
+        thresholds.append(t)
+    return thresholds, exits, margins
+
+
+@torch.no_grad()
+def test_forced_exits_are_exact(family):
+    gated, x, plain = family
+    thresholds, expected_exits, margins = _thresholds_for_spread_exits(gated, x)
+    gated.set_thresholds(thresholds)
+    try:
+        result = gated(x, return_exits=True)
+    finally:
+        gated.close_gates()
+    assert torch.equal(result.exits, expected_exits)
+    assert (expected_exits < gated.num_gates).any() and (expected_exits == gated.num_gates).any()
+    for i, k in enumerate(expected_exits.tolist()):
+        expected = plain[i] if k == gated.num_gates else margins[k][i]
+        assert close(result.logits[i], expected), f"sample {i} exited at {k}"
+
+
+@torch.no_grad()
+def test_shuffling_the_batch_permutes_the_outputs(family):
+    gated, x, _ = family
+    thresholds, _, _ = _thresholds_for_spread_exits(gated, x)
+    gated.set_thresholds(thresholds)
+    try:
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))
+        base, shuffled = gated(x, return_exits=True), gated(x[perm], return_exits=True)
+    finally:
+        gated.close_gates()
+    assert torch.equal(shuffled.exits, base.exits[perm])
+    assert close(shuffled.logits, base.logits[perm])
+
+
+@torch.no_grad()
+def test_all_exit_at_first_gate_skips_later_stages(family):
+    gated, x, _ = family
+    calls = []
+    last_stage = timm_dgate.discovery.feature_boundaries(gated.base_model)[-1].module
+    later = [gated.base_model.get_submodule(m) for m in [b.module for b in gated.boundaries[1:]] + [last_stage]]
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in later]
+    gated.set_thresholds([-math.inf] + [math.inf] * (gated.num_gates - 1))
+    try:
+        result = gated(x, return_exits=True)
+    finally:
+        gated.close_gates()
+        for h in handles:
+            h.remove()
+    assert (result.exits == 0).all()
+    assert calls == []

@@ -1,0 +1,25 @@
+"""timm_dgate: decision gates that make any trained timm classifier cheaper to run."""
+
+from .discovery import Boundary, UnsupportedModelError, family_of, register_family
+from .engine import ExitResult
+from .flops import GateCosts
+from .gates import DecisionGate
+from .model import GatedModel, stages, wrap
+from .profiles import Profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Boundary",
+    "DecisionGate",
+    "ExitResult",
+    "GateCosts",
+    "GatedModel",
+    "Profile",
+    "UnsupportedModelError",
+    "__version__",
+    "family_of",
+    "register_family",
+    "stages",
+    "wrap",
+]

@@ -1,0 +1,179 @@
+"""Stage discovery: where in a timm model a decision gate can sit.
+
+Every timm model lists its stage ends in ``model.feature_info``. Those names are the
+candidate boundaries; a small registry lets a family override the candidates or the default
+placement. Whether a boundary really works as an early-exit point is checked by a probe
+(``timm_dgate.probe``), not assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
+
+
+class UnsupportedModelError(ValueError):
+    """A model, or one of its boundaries, cannot carry a decision gate."""
+
+    def __init__(self, model: str, reason: str, boundary: str | None = None):
+        where = f"{model}, boundary '{boundary}'" if boundary is not None else model
+        super().__init__(f"timm_dgate cannot gate {where}: {reason}")
+        self.model, self.boundary, self.reason = model, boundary, reason
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """One place a gate can sit: the end of a stage (or block) of the backbone.
+
+    ``layout`` is the feature layout the module emits (``NCHW``, ``NHWC``, tokens ``NLC``)
+    and is filled in by the probe; ``default`` marks the default gate placement; ``problem``
+    says why the probe refused the boundary (only in :func:`timm_dgate.stages` listings).
+    """
+
+    name: str
+    module: str
+    num_chs: int
+    reduction: int
+    layout: str | None = None
+    default: bool = False
+    problem: str | None = None
+
+
+BoundaryFn = Callable[[nn.Module], list[Boundary]]
+PlacementFn = Callable[[list[Boundary]], list[int]]
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """Overrides for one timm family (a ``timm.models`` module name such as ``resnet``)."""
+
+    boundaries: BoundaryFn | None = None
+    placement: PlacementFn | None = None
+    unsupported: str | None = None
+
+
+_FAMILY_RULES: dict[str, FamilyRule] = {}
+
+
+def register_family(
+    family: str,
+    *,
+    boundaries: BoundaryFn | None = None,
+    placement: PlacementFn | None = None,
+    unsupported: str | None = None,
+) -> None:
+    """Teach timm_dgate about a family: its boundaries, its default placement, or why it can't be gated.
+
+    ``family`` is the timm module that defines the model class, e.g. ``"resnet"`` or
+    ``"vision_transformer"`` (see :func:`family_of`).
+    """
+    _FAMILY_RULES[family] = FamilyRule(boundaries, placement, unsupported)
+
+
+def family_of(model: nn.Module) -> str:
+    """The timm module name that defines ``model``'s class (``"resnet"``, ``"vision_transformer"``...)."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def model_name(model: nn.Module) -> str:
+    """A readable name for messages: timm's architecture name where known."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """Find the module a gate hooks; a container that is never called itself resolves to its last child."""
+    try:
+        module = model.get_submodule(name) if name else model
+    except AttributeError:
+        raise UnsupportedModelError(
+            model_name(model), "feature_info names a module that does not exist in the model", name
+        ) from None
+    if not name:
+        raise UnsupportedModelError(model_name(model), "feature_info names the whole model", name)
+    while isinstance(module, nn.ModuleList) and len(module):
+        name = f"{name}.{len(module) - 1}"
+        module = module[-1]
+    return name, module
+
+
+def feature_boundaries(model: nn.Module) -> list[Boundary]:
+    """Candidate boundaries from ``model.feature_info``."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise UnsupportedModelError(model_name(model), "it has no feature_info listing its stages")
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    boundaries = []
+    for entry in entries:
+        module, _ = resolve_module(model, entry["module"])
+        boundaries.append(
+            Boundary(
+                name=entry["module"],
+                module=module,
+                num_chs=int(entry["num_chs"]),
+                reduction=int(entry["reduction"]),
+            )
+        )
+    return boundaries
+
+
+def default_placement(boundaries: Sequence[Boundary], num_plain_gates: int = 3) -> list[int]:
+    """Indices of the boundaries that get a gate by default.
+
+    Staged networks (reduction grows): after every stage but the last, skipping stems at
+    reduction below 4. Plain transformers (one reduction throughout): ``num_plain_gates``
+    evenly spaced blocks, since a gate after each of 12 blocks costs more than it saves.
+    """
+    count = len(boundaries)
+    if count < 2:
+        return []
+    if len({b.reduction for b in boundaries}) == 1:
+        slots = min(num_plain_gates, count - 1)
+        return sorted({round(count * (i + 1) / (slots + 1)) - 1 for i in range(slots)})
+    return [i for i, b in enumerate(boundaries[:-1]) if b.reduction >= 4]
+
+
+def candidate_boundaries(model: nn.Module) -> list[Boundary]:
+    """Boundaries for ``model`` with the default placement marked, family rules applied."""
+    rule = _FAMILY_RULES.get(family_of(model), FamilyRule())
+    if rule.unsupported:
+        raise UnsupportedModelError(model_name(model), rule.unsupported)
+    boundaries = (rule.boundaries or feature_boundaries)(model)
+    chosen = set((rule.placement or default_placement)(boundaries))
+    return [replace(b, default=i in chosen) for i, b in enumerate(boundaries)]
+
+
+def select_boundaries(model: nn.Module, gates: Sequence[str | int] | None) -> list[Boundary]:
+    """The boundaries named by ``gates`` (feature_info indices or module names), or the default ones."""
+    boundaries = candidate_boundaries(model)
+    if gates is None:
+        chosen = [b for b in boundaries if b.default]
+        if not chosen:
+            raise UnsupportedModelError(model_name(model), "it has no stage boundary before its last stage")
+        return chosen
+    by_name = {b.name: b for b in boundaries} | {b.module: b for b in boundaries}
+    chosen = []
+    for gate in gates:
+        if isinstance(gate, int) and not isinstance(gate, bool):
+            if not -len(boundaries) <= gate < len(boundaries):
+                raise ValueError(
+                    f"gate index {gate} is out of range: {model_name(model)} has "
+                    f"{len(boundaries)} boundaries ({', '.join(b.name for b in boundaries)})"
+                )
+            chosen.append(boundaries[gate])
+        elif gate in by_name:
+            chosen.append(by_name[gate])
+        else:
+            raise ValueError(
+                f"unknown gate position {gate!r} for {model_name(model)}; boundaries are "
+                f"{', '.join(b.name for b in boundaries)}"
+            )
+    modules = [b.module for b in chosen]
+    if len(set(modules)) != len(modules):
+        raise ValueError(f"gate positions {list(gates)} name the same boundary twice")
+    order = {b.module: i for i, b in enumerate(boundaries)}
+    return sorted(chosen, key=lambda b: order[b.module])

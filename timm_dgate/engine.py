@@ -1,0 +1,130 @@
+"""The early-exit executor: forward hooks that take exited samples out of the batch.
+
+A hook on each gated module sees the stage's output, lets a ``decide`` function pick the
+samples that leave, records them, and hands the rest of timm's own forward a smaller
+batch. When no sample is left it raises :class:`_AllExited`, so the later stages never
+run. There is no Python loop over samples and one host synchronisation per open gate (to
+learn how many samples stay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+# decide(gate_index, stage_output) -> (margins (B, C), leave mask (B,)) or None (nobody leaves)
+Decide = Callable[[int, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+Collect = Callable[[int, torch.Tensor], object]
+
+
+class _AllExited(Exception):
+    """Raised inside timm's forward when every sample has exited; caught by the engine."""
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """Logits in input order, and per sample the gate it exited at (``num_gates`` = the head)."""
+
+    logits: torch.Tensor
+    exits: torch.Tensor
+
+
+class _ExitRun:
+    """State of one early-exit forward: which of the original samples are still in the batch."""
+
+    def __init__(self, batch: int, device: torch.device, decide: Decide):
+        self.alive = torch.arange(batch, device=device)
+        self.exited: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self.decide = decide
+
+    def boundary(self, k: int, output: torch.Tensor) -> torch.Tensor | None:
+        decision = self.decide(k, output)
+        if decision is None:
+            return None
+        margins, leave = decision
+        n_stay = leave.numel() - int(leave.sum())  # the one host sync at this gate
+        if n_stay == leave.numel():
+            return None
+        order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying samples first
+        stay, go = order[:n_stay], order[n_stay:]
+        self.exited.append((self.alive[go], margins[go], k))
+        if n_stay == 0:
+            raise _AllExited
+        self.alive = self.alive[stay]
+        return output.index_select(0, stay)
+
+
+class _CollectRun:
+    """State of one full forward: every gated module's output is passed to ``fn`` and kept."""
+
+    def __init__(self, fn: Collect, num_modules: int):
+        self.fn = fn
+        self.outputs: list[list[object]] = [[] for _ in range(num_modules)]
+
+    def boundary(self, k: int, output: torch.Tensor) -> None:
+        self.outputs[k].append(self.fn(k, output))
+
+
+class ExitEngine:
+    """Hooks ``modules`` of ``model`` so a forward can drop samples at each of them."""
+
+    def __init__(self, model: nn.Module, modules: Sequence[str]):
+        self.model = model
+        self.modules = list(modules)
+        self._run: _ExitRun | _CollectRun | None = None
+        self._handles = [
+            model.get_submodule(name).register_forward_hook(partial(self._hook, k))
+            for k, name in enumerate(self.modules)
+        ]
+
+    def _hook(self, k: int, module: nn.Module, args: object, output: object) -> torch.Tensor | None:
+        if self._run is None:  # the timm model was called directly: stay out of the way
+            return None
+        return self._run.boundary(k, output)
+
+    def _forward(self, run: _ExitRun | _CollectRun, x: torch.Tensor) -> torch.Tensor | None:
+        if self._run is not None:
+            raise RuntimeError("timm_dgate: a gated forward is already running on this model")
+        self._run = run
+        try:
+            return self.model(x)
+        except _AllExited:
+            return None
+        finally:
+            self._run = None
+
+    def exit_forward(self, x: torch.Tensor, decide: Decide) -> ExitResult:
+        """Forward with early exits; rows come from the gate each sample left at, or the head."""
+        batch = x.shape[0]
+        run = _ExitRun(batch, x.device, decide)
+        head = self._forward(run, x)
+        pieces = list(run.exited)
+        if head is not None:
+            if not isinstance(head, torch.Tensor):
+                raise TypeError(f"timm_dgate: the model returned {type(head).__name__}, not logits")
+            pieces.append((run.alive, head, len(self.modules)))
+        dtype = pieces[-1][1].dtype
+        for _, values, _ in pieces:
+            dtype = torch.promote_types(dtype, values.dtype)
+        logits = torch.empty((batch, pieces[-1][1].shape[1]), dtype=dtype, device=x.device)
+        exits = torch.empty(batch, dtype=torch.long, device=x.device)
+        for index, values, k in pieces:
+            logits[index] = values.to(dtype)
+            exits[index] = k
+        return ExitResult(logits, exits)
+
+    def collect(self, x: torch.Tensor, fn: Collect) -> tuple[list[list[object]], torch.Tensor]:
+        """One full forward: ``fn(k, output)`` at every module (in call order) and the logits."""
+        run = _CollectRun(fn, len(self.modules))
+        logits = self._forward(run, x)
+        return run.outputs, logits
+
+    def remove(self) -> None:
+        """Take the hooks off the model; it is a plain timm model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

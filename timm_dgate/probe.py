@@ -1,0 +1,143 @@
+"""Check, with one dummy batch, that each boundary really works as an early-exit point.
+
+A boundary passes when its module runs once per forward, emits a batch-first tensor of a
+known layout, and removing a sample there leaves every other sample's logits exactly as a
+plain forward gives them. Anything else is refused when wrapping, with the reason, rather
+than failing later inside timm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .discovery import Boundary, UnsupportedModelError, model_name
+from .engine import ExitEngine
+
+PROBE_BATCH = 3
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model expects: its pretrained config, corrected by what it was built with."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels, height, width = cfg.get("input_size", (3, 224, 224))
+    first_conv = cfg.get("first_conv")
+    if isinstance(first_conv, str):
+        try:
+            channels = model.get_submodule(first_conv).in_channels
+        except AttributeError:
+            pass
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and not getattr(model, "dynamic_img_size", False):
+        height, width = img_size
+    return int(channels), int(height), int(width)
+
+
+def detect_layout(shape: torch.Size, num_chs: int) -> str | None:
+    """Feature layout of a batch-first stage output, or None if it matches no known layout."""
+    if len(shape) == 4:
+        if shape[1] == num_chs:
+            return "NCHW"
+        if shape[3] == num_chs:
+            return "NHWC"
+    if len(shape) == 3 and shape[2] == num_chs:
+        return "NLC"
+    if len(shape) == 2 and shape[1] == num_chs:
+        return "NC"
+    return None
+
+
+@torch.no_grad()
+def probe_boundaries(
+    model: nn.Module, boundaries: Sequence[Boundary], input_size: Sequence[int], strict: bool = True
+) -> list[Boundary]:
+    """Verify ``boundaries`` on ``model`` and return them with their layouts filled in.
+
+    ``strict`` raises :class:`UnsupportedModelError` at the first refused boundary; otherwise
+    a refused boundary comes back with the reason in ``problem``.
+    """
+    name = model_name(model)
+    was_training = model.training
+    model.eval()
+    engine = ExitEngine(model, [b.module for b in boundaries])
+    try:
+        x = torch.randn((PROBE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
+        x = x.to(next(model.parameters()).device)
+        try:
+            outputs, reference = engine.collect(x, lambda k, out: out)
+        except Exception as error:  # noqa: BLE001 - any failure here means we cannot gate it
+            raise UnsupportedModelError(
+                name, f"a forward pass at input size {tuple(input_size)} failed ({error})"
+            ) from error
+        checked = []
+        for k, (boundary, outs) in enumerate(zip(boundaries, outputs)):
+            try:
+                boundary = _check_output(name, boundary, outs)
+                _check_exit(engine, name, boundary, k, x, reference)
+            except UnsupportedModelError as error:
+                if strict:
+                    raise
+                boundary = replace(boundary, problem=error.reason)
+            checked.append(boundary)
+        return checked
+    finally:
+        engine.remove()
+        model.train(was_training)
+
+
+def _check_output(name: str, boundary: Boundary, outputs: list[object]) -> Boundary:
+    if len(outputs) != 1:
+        raise UnsupportedModelError(
+            name, f"its module runs {len(outputs)} times per forward, not once", boundary.name
+        )
+    out = outputs[0]
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(
+            name, f"it outputs {type(out).__name__}, not one tensor", boundary.name
+        )
+    if out.shape[0] != PROBE_BATCH:
+        raise UnsupportedModelError(
+            name, f"its output's first dimension is not the batch (shape {tuple(out.shape)})", boundary.name
+        )
+    layout = detect_layout(out.shape, boundary.num_chs)
+    if layout is None:
+        raise UnsupportedModelError(
+            name,
+            f"its output of shape {tuple(out.shape)} has no {boundary.num_chs}-channel layout "
+            "(NCHW, NHWC or tokens)",
+            boundary.name,
+        )
+    return replace(boundary, layout=layout)
+
+
+def _check_exit(
+    engine: ExitEngine, name: str, boundary: Boundary, k: int, x: torch.Tensor, reference: torch.Tensor
+) -> None:
+    """Drop the first sample at gate ``k``; the others must get the plain model's logits."""
+
+    def drop_first(gate: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if gate != k:
+            return None
+        leave = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+        leave[0] = True
+        return reference.new_zeros((out.shape[0], reference.shape[1])), leave
+
+    try:
+        result = engine.exit_forward(x, drop_first)
+    except Exception as error:  # noqa: BLE001
+        raise UnsupportedModelError(
+            name, f"removing samples there breaks the rest of the forward ({error})", boundary.name
+        ) from error
+    expected, got = reference[1:], result.logits[1:]
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    if not torch.allclose(got, expected, rtol=0, atol=tolerance):
+        diff = (got - expected).abs().max().item()
+        raise UnsupportedModelError(
+            name,
+            "samples that go on get different logits once others leave there (max difference "
+            f"{diff:.3g}); a later layer still sees the full batch, e.g. a shortcut around the boundary",
+            boundary.name,
+        )
