@@ -24,6 +24,7 @@ class Profile:
     split: str = "validation"
     val_accuracy: float | None = None
     val_gflops: float | None = None
+    val_plain_accuracy: float | None = None
     exit_fractions: tuple[float, ...] = ()
     test: dict[str, Any] = field(default_factory=dict)
 

@@ -41,7 +41,7 @@ def train_backbone(
             optimizer.step()
             schedule.step()
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
 
 

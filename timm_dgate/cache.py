@@ -1,0 +1,161 @@
+"""Feature caches: one backbone pass stores what gate training and calibration need.
+
+The backbone is frozen and each gate is linear on pooled features, so the pooled input of
+every gate, the backbone's own logits and the labels are all that later steps read. Gate
+training then runs many epochs in seconds, and calibration searches thresholds on tensors.
+Beyond ``max_memory_bytes`` the cache is written to disk and memory-mapped, so its
+resident size stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+DEFAULT_MAX_MEMORY = 4 * 2**30
+
+
+@dataclass
+class FeatureCache:
+    """Per gate ``(N, C_k)`` pooled features, ``(N, num_classes)`` backbone logits, ``(N,)`` labels.
+
+    ``split`` names the data it came from; calibration refuses a cache of the ``test`` split.
+    """
+
+    features: list[torch.Tensor]
+    logits: torch.Tensor
+    labels: torch.Tensor
+    split: str = "train"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self, size: int = 65536) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Row slices of the features and labels, to bound the memory a pass over the cache needs."""
+        for start in range(0, len(self), size):
+            stop = start + size
+            yield [f[start:stop] for f in self.features], self.labels[start:stop]
+
+    @torch.no_grad()
+    def margins(self, gates: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+        """Every gate's margins for every cached sample (applies only the gates' linear layers)."""
+        out = []
+        for gate, feats in zip(gates, self.features):
+            weight = gate.fc.weight.detach().cpu().float()
+            bias = gate.fc.bias.detach().cpu().float()
+            out.append(torch.cat([torch.addmm(bias, rows.float(), weight.T) for rows in feats.split(65536)]))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the cache as one safetensors file (reloaded by :meth:`load`)."""
+        tensors = {f"features.{k}": f.contiguous() for k, f in enumerate(self.features)}
+        tensors |= {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
+        save_file(tensors, str(path), metadata={"split": self.split, "num_gates": str(len(self.features))})
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureCache:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(path))
+        features = [tensors[f"features.{k}"] for k in range(int(meta["num_gates"]))]
+        return cls(features, tensors["logits"], tensors["labels"], meta["split"])
+
+
+class _Column:
+    """Rows appended batch by batch; kept in memory, or in a memory-mapped file past a size."""
+
+    def __init__(self, spill_dir: Path | None):
+        self.parts: list[torch.Tensor] = []
+        self.spill_dir = spill_dir
+        self.file = None
+        self.path: Path | None = None
+        self.rows = 0
+        self.row_shape: tuple[int, ...] = ()
+        self.dtype = torch.float32
+
+    def append(self, values: torch.Tensor) -> None:
+        values = values.detach().cpu().contiguous()
+        self.row_shape, self.dtype = tuple(values.shape[1:]), values.dtype
+        self.rows += len(values)
+        if self.file is not None:
+            self.file.write(values.numpy().tobytes())
+        else:
+            self.parts.append(values)
+
+    def spill(self) -> None:
+        """Move what is held so far to disk; later rows go straight there."""
+        if self.file is not None:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=self.spill_dir, suffix=".bin")
+        self.path = Path(name)
+        self.file = open(handle, "wb")  # noqa: SIM115 - closed in finish()
+        for part in self.parts:
+            self.file.write(part.numpy().tobytes())
+        self.parts = []
+
+    def finish(self) -> torch.Tensor:
+        if self.file is None:
+            return torch.cat(self.parts) if self.parts else torch.empty((0, *self.row_shape), dtype=self.dtype)
+        self.file.close()
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        array = np.memmap(self.path, dtype=np_dtype, mode="r", shape=(self.rows, *self.row_shape))
+        return torch.from_numpy(np.asarray(array))
+
+
+@torch.no_grad()  # not inference_mode: cached tensors feed autograd when gates train
+def cache_features(
+    model: torch.nn.Module,
+    loader: Iterable,
+    *,
+    split: str = "train",
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY,
+    spill_dir: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureCache:
+    """One pass of ``model.forward_pooled`` over ``loader`` (batches of ``(images, labels)``)."""
+    spill_path = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir()) / "timm_dgate_cache"
+    columns: list[_Column] | None = None
+    held = 0
+    device = next(model.parameters()).device
+    for images, labels in tqdm(loader, desc=f"caching {split} features", disable=not progress, leave=False):
+        pooled, logits = model.forward_pooled(images.to(device))
+        values = [*pooled, logits, labels]
+        if columns is None:
+            columns = [_Column(spill_path) for _ in values]
+        for column, value in zip(columns, values):
+            column.append(value)
+        held += sum(v.numel() * v.element_size() for v in values)
+        if held > max_memory_bytes:
+            for column in columns:
+                column.spill()
+    if columns is None:
+        raise ValueError(f"the {split} data is empty: nothing to cache")
+    *features, logits, labels = [c.finish() for c in columns]
+    return FeatureCache(features, logits, labels.long(), split)
+
+
+def merge(caches: list[FeatureCache]) -> FeatureCache:
+    """Concatenate caches (e.g. the shards of several processes) into one."""
+    features = [torch.cat([c.features[k] for c in caches]) for k in range(len(caches[0].features))]
+    return FeatureCache(
+        features, torch.cat([c.logits for c in caches]), torch.cat([c.labels for c in caches]), caches[0].split
+    )
+
+
+def cache_key(**parts: object) -> str:
+    """A short stable name for a cache file from what determines its contents."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+

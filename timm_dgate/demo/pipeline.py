@@ -1,0 +1,188 @@
+"""The Fashion-MNIST demo: train a timm ResNet, gate it, calibrate, and measure on the test split.
+
+Thresholds are chosen on a validation split carved from the training set; every number
+in the final table comes from the 10,000-image test split, which chose nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_dgate
+from timm_dgate.cache import FeatureCache, cache_features
+from timm_dgate.calibrate import ExitTable, calibrate, tradeoff_curve
+from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, format_table
+from timm_dgate.fit import fit
+
+from .backbone import accuracy, train_backbone
+from .data import CLASSES, load_splits, preprocess
+
+# profile name -> allowed drop from the plain model's validation accuracy
+DROPS = {"iso": 0.001, "-0.5pt": 0.005, "-1pt": 0.01, "-2pt": 0.02}
+# gate loss -> the exit scores it is calibrated with
+GATE_KINDS = {"hinge": ("margin",), "ce": ("softmax", "entropy")}
+
+
+class TensorBatches:
+    """Preprocessed batches of a uint8 tensor data set, in order (a minimal loader)."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset, input_size: int, batch_size: int = 256):
+        self.images, self.labels = data.tensors
+        self.input_size, self.batch_size = input_size, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = start + self.batch_size
+            yield preprocess(self.images[start:stop], self.input_size), self.labels[start:stop]
+
+
+@dataclass
+class DemoConfig:
+    output: str = "runs/demo"
+    model: str = "resnet18"
+    input_size: int = 32
+    backbone_epochs: int = 3
+    gate_epochs: int = 300
+    limit: int | None = None
+    val_size: int = 5000
+    seed: int = 0
+    retrain: bool = False
+
+
+def _backbone(cfg: DemoConfig, splits, out: Path) -> torch.nn.Module:
+    """Train the backbone once and keep it in timm's own layout; later runs load it."""
+    folder = out / "backbone"
+    model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
+    weights = folder / "model.safetensors"
+    if weights.exists() and not cfg.retrain:
+        print(f"Backbone: loading the one trained earlier from {folder} (--retrain to train again)")
+        return timm.create_model(
+            cfg.model, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **model_args
+        ).eval()
+    print(f"Backbone: training timm {cfg.model} on Fashion-MNIST for {cfg.backbone_epochs} epochs")
+    torch.manual_seed(cfg.seed)
+    model = timm.create_model(cfg.model, pretrained=False, **model_args)
+    start = time.perf_counter()
+    train_backbone(model, splits.train, epochs=cfg.backbone_epochs, input_size=cfg.input_size, seed=cfg.seed)
+    timm.models.save_for_hf(model, folder, model_args=model_args)
+    print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
+    return model.eval()
+
+
+def _plot(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, points in curves.items():
+        ax.plot([g for _, g in points], [100 * a for a, _ in points], marker=".", label=label)
+    ax.scatter([plain[1]], [100 * plain[0]], color="black", zorder=5, label="plain model")
+    ax.set_xlabel("average GFLOPs per image (gates included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs compute on Fashion-MNIST (thresholds chosen on validation)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_exits(result, gate_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(result.exits_per_class, dtype=torch.float64)
+    shares = counts / counts.sum(0, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = torch.zeros(shares.shape[1], dtype=torch.float64)
+    for row, label in zip(shares, [*gate_names, "head"]):
+        ax.bar(range(len(CLASSES)), 100 * row, bottom=100 * bottom, label=label)
+        bottom += row
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=35, ha="right")
+    ax.set_ylabel("% of the class's test images")
+    ax.set_title(f"Where each class exits ({result.name})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the whole demo; print the tables and write results, plots and the Hub folder to ``cfg.output``."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)
+    print(f"Fashion-MNIST: {len(splits.train)} train, {len(splits.val)} validation (from train), {len(splits.test)} test")
+    backbone = _backbone(cfg, splits, out)
+    print(f"  plain test accuracy {100 * accuracy(backbone, splits.test, cfg.input_size):.2f}%")
+
+    input_size = (1, cfg.input_size, cfg.input_size)
+    loaders = {name: TensorBatches(getattr(splits, name), cfg.input_size) for name in ("train", "val", "test")}
+    gated = {loss: timm_dgate.wrap(backbone, input_size=input_size) for loss in GATE_KINDS}
+    first = gated["hinge"]
+    print(f"Gates after {', '.join(b.name for b in first.boundaries)}; cost of reaching each (GFLOPs): "
+          + ", ".join(f"{c / 1e9:.4f}" for c in first.costs.cumulative())
+          + f"; full model {first.costs.backbone / 1e9:.4f}")
+    caches: dict[str, FeatureCache] = {
+        name: cache_features(first, loader, split="validation" if name == "val" else name)
+        for name, loader in loaders.items()
+    }
+    for loss, model in gated.items():
+        t0 = time.perf_counter()
+        report = fit(model, caches["train"], loss=loss, epochs=cfg.gate_epochs, seed=cfg.seed)
+        print(f"Fitted {loss} gates in {time.perf_counter() - t0:.1f}s; train accuracy per gate: "
+              + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
+        for score in GATE_KINDS[loss]:
+            for label, drop in DROPS.items():
+                calibrate(model, caches["val"], max_drop=drop, exit_score=score, name=f"{loss}/{score} {label}")
+
+    reports: dict[str, EvalReport] = {}
+    for loss, model in gated.items():
+        reports[loss] = evaluate(model, loaders["test"], split="test")
+        print(f"\n{loss} gates on the test split ({reports[loss].num_images} images):\n")
+        print(format_table(reports[loss]))
+
+    gate_names = [b.name for b in first.boundaries]
+    hinge_iso = reports["hinge"].profiles[0]
+    print(f"\nExits per class, {hinge_iso.name} (share of each class's test images):\n")
+    print(format_exits_per_class(hinge_iso, CLASSES, gate_names))
+
+    curves = {}
+    for loss, model in gated.items():
+        for score in GATE_KINDS[loss]:
+            val_table = ExitTable.from_cache(model, caches["val"], score)
+            test_table = ExitTable.from_cache(model, caches["test"], score)
+            curves[f"{loss} gates ({score})"] = [
+                test_table.evaluate(t)[:2] for t in tradeoff_curve(val_table)
+            ]
+    plain_point = (reports["hinge"].plain_accuracy, reports["hinge"].plain_gflops)
+    _plot(curves, plain_point, out / "tradeoff.png")
+    _plot_exits(hinge_iso, gate_names, out / "exits_per_class.png")
+
+    results = {
+        "config": asdict(cfg),
+        "seconds": time.perf_counter() - started,
+        "gates": gate_names,
+        "reports": {loss: asdict(r) for loss, r in reports.items()},
+        "curves": curves,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nPlots: {out / 'tradeoff.png'}, {out / 'exits_per_class.png'}; numbers: {out / 'results.json'}")
+    print(f"Demo finished in {results['seconds']:.0f}s")
+    return results
