@@ -4,6 +4,7 @@ from .discovery import Boundary, UnsupportedModelError, family_of, register_fami
 from .engine import ExitResult
 from .flops import GateCosts
 from .gates import DecisionGate
+from .hub import HubFormatError, from_pretrained
 from .model import GatedModel, stages, wrap
 from .profiles import Profile
 
@@ -15,10 +16,12 @@ __all__ = [
     "ExitResult",
     "GateCosts",
     "GatedModel",
+    "HubFormatError",
     "Profile",
     "UnsupportedModelError",
     "__version__",
     "family_of",
+    "from_pretrained",
     "register_family",
     "stages",
     "wrap",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +37,7 @@ class GatedModel(nn.Module):
         input_size: Sequence[int],
         pool: str = "avg",
         exit_score: str = "margin",
+        model_args: dict | None = None,
     ):
         super().__init__()
         num_classes = getattr(model, "num_classes", 0)
@@ -54,6 +58,8 @@ class GatedModel(nn.Module):
         self.profiles: dict[str, Profile] = {}
         self.active_profile: str | None = None
         self.backbone_frozen = False
+        self.gate_loss = "hinge"  # what the gates were trained with; set by fit(), saved by save_pretrained()
+        self.model_args = dict(model_args) if model_args else None  # create_model kwargs timm did not record
         self._costs: GateCosts | None = None
         self._engine = ExitEngine(model, [b.module for b in self.boundaries])
 
@@ -160,6 +166,60 @@ class GatedModel(nn.Module):
         gates = ", ".join(f"{b.name}({b.layout})" for b in self.boundaries)
         return f"gates=[{gates}], exit_score={self.exit_score}"
 
+    # ---- Hub I/O (timm_dgate.hub; format in docs/hub.md) ---------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        include_backbone: bool | None = None,
+        tradeoff_plot: str | os.PathLike | None = None,
+    ) -> Path:
+        """Write gates, profiles, config and model card (and the backbone in timm's layout) to a folder.
+
+        ``base_model`` (a timm Hub id such as ``"timm/resnet50.a1_in1k"``) makes a gates-only
+        folder that names its backbone instead of storing it, unless ``include_backbone=True``.
+        """
+        from .hub import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, base_model=base_model, include_backbone=include_backbone, tradeoff_plot=tradeoff_plot
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload gated model with timm_dgate",
+        token: str | None = None,
+        create_pr: bool = False,
+        base_model: str | None = None,
+        include_backbone: bool | None = None,
+        tradeoff_plot: str | os.PathLike | None = None,
+    ) -> Any:
+        """Save as in :meth:`save_pretrained` and commit the folder to a Hub repo (created if needed).
+
+        ``token`` defaults to huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``).
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            token=token,
+            create_pr=create_pr,
+            base_model=base_model,
+            include_backbone=include_backbone,
+            tradeoff_plot=tradeoff_plot,
+        )
+
+
 
 def wrap(
     model: nn.Module,
@@ -168,6 +228,7 @@ def wrap(
     input_size: Sequence[int] | None = None,
     pool: str = "avg",
     exit_score: str = "margin",
+    model_args: dict | None = None,
 ) -> GatedModel:
     """Attach decision gates to a timm classifier.
 
@@ -178,13 +239,15 @@ def wrap(
         input_size: ``(C, H, W)`` the model runs at; default: its pretrained config.
         pool: ``avg`` or, for token layouts with a class token, ``token``.
         exit_score: ``margin`` (hinge gates), ``softmax`` or ``entropy`` (cross-entropy gates).
+        model_args: ``timm.create_model`` kwargs needed to rebuild the backbone that timm did not
+            record itself (it records those passed to ``create_model``); saved by ``save_pretrained``.
 
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
     """
     input_size = tuple(input_size or default_input_size(model))
     chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
-    return GatedModel(model, chosen, input_size, pool=pool, exit_score=exit_score)
+    return GatedModel(model, chosen, input_size, pool=pool, exit_score=exit_score, model_args=model_args)
 
 
 def stages(model: nn.Module, input_size: Sequence[int] | None = None) -> list[Boundary]:

@@ -1,0 +1,604 @@
+"""Hub I/O: save/load round trips, loading by Hub id, push_to_hub's commit, and refusals of bad folders.
+
+There is no network here. Loading by Hub id runs huggingface_hub's real download code against a
+small local stand-in for the Hub (``FakeHub``: http.server on 127.0.0.1 serving the endpoints the
+client calls); pushing is checked at huggingface_hub's commit call, which is intercepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote, urlsplit
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
+from torch import nn
+
+import timm_dgate
+from timm_dgate.hub import HubFormatError
+
+SIZE = 64
+BATCH = 24
+
+
+# ---- models with gates that really open -------------------------------------------------------
+
+
+def make_gated(kind: str, seed: int = 0, model: nn.Module | None = None) -> tuple[timm_dgate.GatedModel, torch.Tensor]:
+    """A tiny timm model with random-init gates and hand-made profiles whose thresholds let samples exit."""
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        model = model or timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+        gated = timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
+    else:
+        model = model or timm.create_model("test_vit", img_size=SIZE, num_classes=7).eval()
+        gated = timm_dgate.wrap(model, input_size=(3, SIZE, SIZE), pool="token", model_args={"drop_path_rate": 0.0})
+    for gate in gated.gates:
+        nn.init.normal_(gate.fc.weight)
+        nn.init.normal_(gate.fc.bias)
+    x = torch.randn(BATCH, *gated.input_size, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        margins, _ = gated.forward_gates(x)
+    margin = [m.amax(1) for m in margins]
+    softmax = [m.softmax(1).amax(1) for m in margins]
+    gated.add_profile(
+        timm_dgate.Profile(
+            name="eager",
+            thresholds=[s.quantile(0.4).item() for s in margin],
+            val_accuracy=0.91,
+            val_gflops=0.012,
+            val_plain_accuracy=0.93,
+            exit_fractions=(0.6, 0.2, 0.1, 0.1),
+            test={"accuracy": 0.905, "gflops": 0.0121},
+        )
+    )
+    gated.add_profile(
+        timm_dgate.Profile(
+            name="careful",
+            thresholds=[math.inf, *[s.quantile(0.7).item() for s in softmax[1:]]],
+            exit_score="softmax",
+            target="max_drop=0.005",
+        )
+    )
+    gated.add_profile(timm_dgate.Profile(name="closed", thresholds=[math.inf] * gated.num_gates))
+    gated.use_profile("eager")
+    gated.gate_loss = "ce"
+    return gated, x
+
+
+def run_profiles(gated: timm_dgate.GatedModel, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    with torch.no_grad():
+        for name in gated.profiles:
+            gated.use_profile(name)
+            result = gated(x, return_exits=True)
+            out[name] = (result.logits, result.exits)
+    return out
+
+
+def assert_same_model(saved: timm_dgate.GatedModel, loaded: timm_dgate.GatedModel, x: torch.Tensor) -> None:
+    assert loaded.active_profile == saved.active_profile
+    assert loaded.thresholds == saved.thresholds and loaded.exit_score == saved.exit_score
+    assert loaded.gate_loss == saved.gate_loss
+    assert [b.module for b in loaded.boundaries] == [b.module for b in saved.boundaries]
+    assert loaded.profiles == saved.profiles  # every field, thresholds and metrics included
+    want, got = saved.gates.state_dict(), loaded.gates.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    active = saved.active_profile
+    expected, actual = run_profiles(saved, x), run_profiles(loaded, x)
+    saved.use_profile(active)
+    loaded.use_profile(active)
+    for name, (logits, exits) in expected.items():
+        assert torch.equal(actual[name][0], logits), name
+        assert torch.equal(actual[name][1], exits), name
+    assert (expected["eager"][1] < saved.num_gates).any(), "the test needs samples that exit at a gate"
+    assert (expected["closed"][1] == saved.num_gates).all()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and stays fast when other work shares the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_pickle(monkeypatch):
+    """Weights load only through safetensors: any torch.load during a test fails it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called; timm_dgate must load weights only through safetensors")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+# ---- save and load a folder ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_save_then_load_gives_the_same_model(tmp_path, kind):
+    gated, x = make_gated(kind)
+    folder = gated.save_pretrained(tmp_path / "saved")
+    names = {p.name for p in folder.iterdir()}
+    assert names == {
+        "README.md",
+        "dgate_config.json",
+        "gates.safetensors",
+        "profiles.json",
+        "config.json",
+        "model.safetensors",
+    }
+    assert set(load_file(folder / "gates.safetensors")) == {f"gates.{k}" for k in gated.gates.state_dict()}
+
+    loaded = timm_dgate.from_pretrained(folder)
+    assert not loaded.training
+    assert_same_model(gated, loaded, x)
+    assert loaded.model_args == json.loads(json.dumps(timm_dgate.hub.backbone_args(gated)))
+
+    # the backbone folder is timm's own: the plain model loads with timm alone
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), gated.base_model(x))
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "timm_dgate"
+    assert {"timm", "image-classification", "early-exit", "decision-gates"} <= set(card.data.tags)
+    assert "| `eager` | margin |" in card.text and "| `careful` | softmax | inf," in card.text
+    assert "91.00%" in card.text and "tradeoff.png" not in card.text
+
+
+def test_model_args_and_gate_loss_are_recorded(tmp_path):
+    gated, _ = make_gated("vit")
+    gated.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "dgate_config.json").read_text())
+    assert config["format_version"] == 1 and config["library_version"] == timm_dgate.__version__
+    assert config["architecture"] == "test_vit" and config["num_classes"] == 7
+    assert config["input_size"] == [3, SIZE, SIZE] and config["pool"] == "token"
+    assert config["gate_loss"] == "ce" and config["exit_score"] == "margin"
+    assert config["backbone"]["source"] == "folder" and config["backbone"]["hub_id"] is None
+    args = config["backbone"]["model_args"]
+    assert args["img_size"] == [SIZE, SIZE] and args["num_classes"] == 7 and args["drop_path_rate"] == 0.0
+    assert [g["module"] for g in config["gates"]] == [b.module for b in gated.boundaries]
+    profiles = json.loads((tmp_path / "profiles.json").read_text())["profiles"]
+    assert [p["name"] for p in profiles] == ["eager", "careful", "closed"]
+    assert profiles[2]["thresholds"] == ["inf"] * 3
+
+
+def test_model_args_that_contradict_the_model_or_are_not_json_are_refused(tmp_path):
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    gated = timm_dgate.wrap(model, input_size=(1, SIZE, SIZE), model_args={"num_classes": 5})
+    with pytest.raises(ValueError, match="num_classes=5 disagrees"):
+        gated.save_pretrained(tmp_path)
+    gated.model_args = {"act_layer": nn.ReLU}
+    with pytest.raises(HubFormatError, match=r"argument act_layer=.* cannot be saved as JSON"):
+        gated.save_pretrained(tmp_path)
+
+
+def test_profile_argument_and_tradeoff_plot(tmp_path):
+    gated, _ = make_gated("cnn")
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    folder = gated.save_pretrained(tmp_path / "saved", tradeoff_plot=plot)
+    assert (folder / "tradeoff.png").read_bytes() == plot.read_bytes()
+    assert "![accuracy against GFLOPs per image](tradeoff.png)" in (folder / "README.md").read_text()
+    loaded = timm_dgate.from_pretrained(folder, profile="careful")
+    assert loaded.active_profile == "careful" and loaded.exit_score == "softmax"
+    assert loaded.thresholds == gated.profiles["careful"].thresholds
+
+
+def test_attach_to_an_existing_model(tmp_path):
+    gated, x = make_gated("cnn")
+    gated.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # not needed when the backbone is given
+    backbone = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    backbone.load_state_dict(gated.base_model.state_dict())
+    loaded = timm_dgate.from_pretrained(tmp_path, model=backbone)
+    assert loaded.base_model is backbone
+    assert_same_model(gated, loaded, x)
+
+
+# ---- loading by Hub id, through huggingface_hub's download code ------------------------------------
+
+
+class FakeHub:
+    """A local stand-in for the Hub (there is no network here): serves folders as repos at one commit each.
+
+    Answers what huggingface_hub 2.4's ``snapshot_download``/``hf_hub_download`` ask for:
+    ``GET /api/models/{repo}/revision/{rev}`` (the commit), ``GET /api/models/{repo}/tree/{commit}``
+    (the file list) and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` with the headers the client
+    requires (``X-Repo-Commit``, ``ETag``, ``Content-Length``). Bound to 127.0.0.1, shut down by
+    the fixture and, at the latest, by a timer.
+    """
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, tuple[str, Path]]] = {}  # repo -> revision -> (commit, folder)
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hub.serve(self, body=True)
+
+            def do_HEAD(self) -> None:
+                hub.serve(self, body=False)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.timer = threading.Timer(120, self.server.shutdown)
+
+    def add(self, repo: str, folder: Path, revision: str = "main") -> None:
+        commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+        self.repos.setdefault(repo, {})[revision] = (commit, folder)
+
+    def commit(self, repo: str, revision: str = "main") -> str:
+        return self.repos[repo][revision][0]
+
+    def _lookup(self, repo: str, rev: str) -> tuple[str, Path] | None:
+        for commit, folder in self.repos.get(repo, {}).values():
+            if rev == commit:
+                return commit, folder
+        return self.repos.get(repo, {}).get(rev)
+
+    def serve(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlsplit(request.path).path)
+        self.requests.append(f"{request.command} {path}")
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+            found = self._lookup("/".join(parts[2:4]), parts[5])
+            if found is None:
+                return self._send(request, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, body)
+            commit, folder = found
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+            if parts[4] == "revision":
+                info = {"id": "/".join(parts[2:4]), "sha": commit, "siblings": [{"rfilename": p.name} for p in files]}
+            else:
+                info = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": _sha1(p)} for p in files]
+            return self._send(request, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+        if len(parts) >= 5 and parts[2] == "resolve":
+            found = self._lookup("/".join(parts[:2]), parts[3])
+            if found is None:
+                return self._send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, body)
+            commit, folder = found
+            file = folder / "/".join(parts[4:])
+            if not file.is_file():
+                return self._send(request, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, body)
+            data = file.read_bytes()
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            return self._send(request, 200, data, headers, body)
+        return self._send(request, 404, b"", {}, body)
+
+    @staticmethod
+    def _send(request: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict, body: bool) -> None:
+        request.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(data))}.items():
+            request.send_header(key, value)
+        request.end_headers()
+        if body:
+            request.wfile.write(data)
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub pointed at a FakeHub, with its cache in tmp_path; online until a test says otherwise."""
+    hub = FakeHub()
+    hub.thread.start()
+    hub.timer.start()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        yield hub
+    finally:
+        hub.timer.cancel()
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
+def test_load_by_hub_id_then_offline_from_the_cache(tmp_path, fake_hub, monkeypatch):
+    """Loads through snapshot_download from a local stand-in for the Hub (no network here), then offline."""
+    gated, x = make_gated("cnn")
+    fake_hub.add("org/resnet-dgate", gated.save_pretrained(tmp_path / "repo"))
+
+    loaded = timm_dgate.from_pretrained("org/resnet-dgate")
+    assert_same_model(gated, loaded, x)
+    for endpoint in ("GET /api/models/org/resnet-dgate/revision/main", "GET /api/models/org/resnet-dgate/tree/"):
+        assert any(r.startswith(endpoint) for r in fake_hub.requests), endpoint
+    for method in ("HEAD", "GET"):
+        assert f"{method} /org/resnet-dgate/resolve/{fake_hub.commit('org/resnet-dgate')}/gates.safetensors" in (
+            fake_hub.requests
+        )
+    assert not any("README.md" in r for r in fake_hub.requests), "the card is not needed to load"
+
+    plain = timm.create_model("hf-hub:org/resnet-dgate", pretrained=True).eval()  # timm alone, same repo
+    with torch.no_grad():
+        assert torch.equal(plain(x), gated.base_model(x))
+
+    served = len(fake_hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = timm_dgate.from_pretrained("org/resnet-dgate")
+    assert len(fake_hub.requests) == served, "offline loading must not touch the network"
+    assert_same_model(gated, offline, x)
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        timm_dgate.from_pretrained("org/never-downloaded")
+
+
+def test_gates_only_repo_names_its_base_model(tmp_path, fake_hub, monkeypatch):
+    """A gates-only repo (like a PEFT adapter) loads its backbone from the base repo it names; both on the stand-in."""
+    base = timm.create_model("test_vit", img_size=SIZE, num_classes=7).eval()
+    save_for_hf(base, str(tmp_path / "base"), safe_serialization=True)
+    fake_hub.add("timm/test_vit.base", tmp_path / "base")
+    backbone = timm.create_model("hf-hub:timm/test_vit.base", pretrained=True).eval()
+    gated, x = make_gated("vit", model=backbone)
+
+    folder = gated.save_pretrained(tmp_path / "gates", base_model="hf-hub:timm/test_vit.base")
+    assert {p.name for p in folder.iterdir()} == {
+        "README.md",
+        "dgate_config.json",
+        "gates.safetensors",
+        "profiles.json",
+    }
+    config = json.loads((folder / "dgate_config.json").read_text())
+    assert config["backbone"]["source"] == "hub" and config["backbone"]["hub_id"] == "timm/test_vit.base"
+    assert ModelCard.load(folder / "README.md").data.base_model == "timm/test_vit.base"
+    fake_hub.add("org/vit-gates", folder)
+
+    loaded = timm_dgate.from_pretrained("org/vit-gates")
+    assert_same_model(gated, loaded, x)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert_same_model(gated, timm_dgate.from_pretrained("org/vit-gates"), x)
+
+
+def test_refuses_a_base_model_whose_head_does_not_match(tmp_path, fake_hub):
+    """Gates of a 5-class model saved as gates-only over a 7-class base: timm would re-initialise the head."""
+    base = timm.create_model("test_vit", img_size=SIZE, num_classes=7).eval()
+    save_for_hf(base, str(tmp_path / "base"), safe_serialization=True)
+    fake_hub.add("timm/test_vit.base", tmp_path / "base")
+    gated, _ = make_gated("vit", model=timm.create_model("test_vit", img_size=SIZE, num_classes=5).eval())
+    fake_hub.add("org/vit-gates", gated.save_pretrained(tmp_path / "gates", base_model="timm/test_vit.base"))
+    with pytest.raises(HubFormatError, match="has 7 classes but the gates were saved for a 5-class model"):
+        timm_dgate.from_pretrained("org/vit-gates")
+
+
+def test_revision_selects_what_is_loaded(tmp_path, fake_hub):
+    gated, _ = make_gated("cnn")
+    fake_hub.add("org/resnet-dgate", gated.save_pretrained(tmp_path / "main"))
+    gated.add_profile(timm_dgate.Profile(name="added", thresholds=gated.profiles["eager"].thresholds))
+    fake_hub.add("org/resnet-dgate", gated.save_pretrained(tmp_path / "v2"), revision="v2")
+    assert "added" not in timm_dgate.from_pretrained("org/resnet-dgate").profiles
+    assert "added" in timm_dgate.from_pretrained("org/resnet-dgate", revision="v2").profiles
+    assert any("/revision/v2" in r for r in fake_hub.requests)
+
+
+# ---- push_to_hub: what would be committed ----------------------------------------------------------
+
+
+@pytest.fixture
+def intercepted_hub(monkeypatch):
+    """Intercepts HfApi.create_repo / create_branch / create_commit (there is no network here) and records them.
+
+    Offline mode is on, so any other request huggingface_hub tried to make would fail the test.
+    """
+    calls = SimpleNamespace(repo=None, branch=None, commit=None, files={})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.repo = dict(repo_id=repo_id, token=self.token, **kwargs)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, **kwargs):
+        calls.branch = dict(repo_id=repo_id, **kwargs)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        operations = list(operations)
+        calls.commit = dict(repo_id=repo_id, token=self.token, **kwargs)
+        calls.files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+def test_push_to_hub_commits_the_saved_folder(tmp_path, intercepted_hub):
+    gated, x = make_gated("cnn")
+    info = gated.push_to_hub(
+        "org/resnet-dgate", private=True, revision="dev", commit_message="gates v1", token="hf_test"
+    )
+    calls = intercepted_hub
+    assert info.commit_url.startswith("https://hub/org/resnet-dgate")
+    assert calls.repo == dict(repo_id="org/resnet-dgate", token="hf_test", private=True, exist_ok=True)
+    assert calls.branch == dict(repo_id="org/resnet-dgate", branch="dev", exist_ok=True)
+    assert calls.commit["commit_message"] == "gates v1" and calls.commit["revision"] == "dev"
+    assert calls.commit["token"] == "hf_test" and calls.commit["create_pr"] is False
+
+    local = gated.save_pretrained(tmp_path / "local")
+    assert set(calls.files) == {p.name for p in local.iterdir()}
+    for name in ("dgate_config.json", "profiles.json", "gates.safetensors", "config.json", "model.safetensors"):
+        assert calls.files[name] == (local / name).read_bytes(), name
+    card = calls.files["README.md"].decode()
+    assert 'timm_dgate.from_pretrained("org/resnet-dgate")' in card
+    assert 'timm.create_model("hf-hub:org/resnet-dgate", pretrained=True)' in card
+
+    pushed = tmp_path / "pushed"
+    pushed.mkdir()
+    for name, data in calls.files.items():
+        (pushed / name).write_bytes(data)
+    assert_same_model(gated, timm_dgate.from_pretrained(pushed), x)
+
+
+def test_push_gates_only(tmp_path, intercepted_hub):
+    gated, _ = make_gated("cnn")
+    plot = tmp_path / "tradeoff.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\nplot")
+    gated.push_to_hub("org/gates", base_model="timm/test_resnet.r160_in1k", tradeoff_plot=plot)
+    calls = intercepted_hub
+    assert calls.branch is None and calls.commit["revision"] is None
+    assert calls.repo["private"] is None and calls.repo["token"] is None  # huggingface_hub's defaults
+    assert set(calls.files) == {"README.md", "dgate_config.json", "gates.safetensors", "profiles.json", "tradeoff.png"}
+    card = calls.files["README.md"].decode()
+    assert "base_model: timm/test_resnet.r160_in1k" in card and "](tradeoff.png)" in card
+
+
+# ---- bad input: clear errors, nothing half-loaded ------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    gated, _ = make_gated("cnn")
+    return gated.save_pretrained(tmp_path / "saved")
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_refuses_another_architecture(saved):
+    model = timm.create_model("test_vit", img_size=SIZE, num_classes=10).eval()
+    with pytest.raises(HubFormatError, match="saved for architecture 'test_resnet'; the model is 'test_vit'"):
+        timm_dgate.from_pretrained(saved, model=model)
+    assert hooks(model) == 0
+
+
+def test_refuses_another_number_of_classes(saved):
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=5).eval()
+    with pytest.raises(HubFormatError, match="saved for 10 classes; the model has 5"):
+        timm_dgate.from_pretrained(saved, model=model)
+    model = timm.create_model("test_resnet", in_chans=3, num_classes=10).eval()
+    with pytest.raises(HubFormatError, match="saved for 1 input channels; the model takes 3"):
+        timm_dgate.from_pretrained(saved, model=model)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("dgate_config.json", "config file dgate_config.json is missing"),
+        ("gates.safetensors", "gate weights file gates.safetensors is missing"),
+        ("profiles.json", "threshold profiles file profiles.json is missing"),
+        ("model.safetensors", "backbone's model.safetensors is missing"),
+        ("config.json", "backbone's config.json is missing"),
+    ],
+)
+def test_refuses_a_missing_file(saved, name, message):
+    (saved / name).unlink()
+    with pytest.raises(HubFormatError, match=message):
+        timm_dgate.from_pretrained(saved)
+
+
+def test_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(HubFormatError, match="is not a folder"):
+        timm_dgate.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_refuses_a_newer_format_version(saved):
+    edit_json(saved / "dgate_config.json", format_version=2)
+    with pytest.raises(HubFormatError, match=r"format version 2, newer than this timm_dgate .* upgrade timm_dgate"):
+        timm_dgate.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("dgate_config.json", "{not json", "dgate_config.json .* is not valid JSON"),
+        ("dgate_config.json", '{"format_version": 1}', "dgate_config.json lacks architecture, num_classes"),
+        ("dgate_config.json", "gates", "gates must be a list of objects with name, module, num_chs, layout"),
+        ("profiles.json", '{"profiles": [{"name": "x"}]}', "profiles.json is not a list of profiles"),
+        ("profiles.json", '{"profiles": [{"name": "x", "thresholds": [1, 2]}]}', "'x' has 2 thresholds for 3 gates"),
+    ],
+)
+def test_refuses_a_bad_config_or_profiles_file(saved, name, text, message):
+    if text == "gates":  # a valid config but for one gate entry
+        config = json.loads((saved / name).read_text())
+        del config["gates"][1]["num_chs"]
+        text = json.dumps(config)
+    (saved / name).write_text(text)
+    with pytest.raises(HubFormatError, match=message):
+        timm_dgate.from_pretrained(saved)
+
+
+def test_refuses_an_unknown_profile(saved):
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    with pytest.raises(KeyError, match=r"unknown profile 'fast'.*it has: eager, careful, closed"):
+        timm_dgate.from_pretrained(saved, model=model, profile="fast")
+    assert hooks(model) == 0
+
+
+@pytest.mark.parametrize("name", ["gates.safetensors", "model.safetensors"])
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_refuses_a_corrupted_safetensors_file(saved, name, damage):
+    path = saved / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x00\x01not safetensors at all")
+    with pytest.raises(HubFormatError, match=f"{name} .* is not a valid safetensors file, corrupted or truncated"):
+        timm_dgate.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("drop", r"missing keys \['gates.2.fc.bias'\], unexpected keys \[\]"),
+        ("extra", r"missing keys \[\], unexpected keys \['gates.3.fc.weight'\]"),
+        ("shape", r"gates.0.fc.weight has shape \(10, 31\), the config implies \(10, 32\)"),
+    ],
+)
+def test_refuses_gate_weights_that_do_not_match(saved, change, message):
+    tensors = load_file(saved / "gates.safetensors")
+    if change == "drop":
+        del tensors["gates.2.fc.bias"]
+    elif change == "extra":
+        tensors["gates.3.fc.weight"] = torch.zeros(10, 4)
+    else:
+        tensors["gates.0.fc.weight"] = torch.zeros(10, 31)
+    save_file(tensors, saved / "gates.safetensors")
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    with pytest.raises(HubFormatError, match=message):
+        timm_dgate.from_pretrained(saved, model=model)
+    assert hooks(model) == 0
+
+
+def test_a_failure_after_wrapping_leaves_the_model_unhooked(saved):
+    """Config and weights agree with each other but not with the model: the hooks come off again."""
+    config = json.loads((saved / "dgate_config.json").read_text())
+    config["gates"][0]["num_chs"] = 31
+    (saved / "dgate_config.json").write_text(json.dumps(config))
+    tensors = load_file(saved / "gates.safetensors")
+    tensors["gates.0.fc.weight"] = torch.zeros(10, 31)
+    save_file(tensors, saved / "gates.safetensors")
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    with pytest.raises(HubFormatError, match=r"gate 0 .* was saved at 'layer1' with 31 channels"):
+        timm_dgate.from_pretrained(saved, model=model)
+    assert hooks(model) == 0
+
+
+def test_refuses_a_gates_only_folder_without_a_base_model(tmp_path):
+    gated, _ = make_gated("cnn")
+    with pytest.raises(HubFormatError, match="gates-only folder must name its backbone"):
+        gated.save_pretrained(tmp_path, include_backbone=False)
