@@ -31,7 +31,8 @@ class Boundary:
 
     ``layout`` is the feature layout the module emits (``NCHW``, ``NHWC``, tokens ``NLC``)
     and is filled in by the probe; ``default`` marks the default gate placement; ``problem``
-    says why the probe refused the boundary (only in :func:`timm_dgate.stages` listings).
+    says why the boundary is refused (``feature_info`` names no real module, or the probe
+    failed); :func:`timm_dgate.stages` lists such boundaries, :func:`timm_dgate.wrap` raises.
     """
 
     name: str
@@ -109,13 +110,18 @@ def feature_boundaries(model: nn.Module) -> list[Boundary]:
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
     boundaries = []
     for entry in entries:
-        module, _ = resolve_module(model, entry["module"])
+        module, problem = entry["module"], None
+        try:
+            module, _ = resolve_module(model, module)
+        except UnsupportedModelError as error:  # listed by stages(), refused by wrap()
+            problem = error.reason
         boundaries.append(
             Boundary(
                 name=entry["module"],
                 module=module,
                 num_chs=int(entry["num_chs"]),
                 reduction=int(entry["reduction"]),
+                problem=problem,
             )
         )
     return boundaries

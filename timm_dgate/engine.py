@@ -49,11 +49,12 @@ class _ExitRun:
         n_stay = leave.numel() - int(leave.sum())  # the one host sync at this gate
         if n_stay == leave.numel():
             return None
+        if n_stay == 0:  # everyone leaves (always so at batch 1): nothing to reorder
+            self.exited.append((self.alive, margins, k))
+            raise _AllExited
         order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying samples first
         stay, go = order[:n_stay], order[n_stay:]
         self.exited.append((self.alive[go], margins[go], k))
-        if n_stay == 0:
-            raise _AllExited
         self.alive = self.alive[stay]
         return output.index_select(0, stay)
 
@@ -107,6 +108,9 @@ class ExitEngine:
             if not isinstance(head, torch.Tensor):
                 raise TypeError(f"timm_dgate: the model returned {type(head).__name__}, not logits")
             pieces.append((run.alive, head, len(self.modules)))
+        if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
+            _, values, k = pieces[0]
+            return ExitResult(values, torch.full((batch,), k, dtype=torch.long, device=x.device))
         dtype = pieces[-1][1].dtype
         for _, values, _ in pieces:
             dtype = torch.promote_types(dtype, values.dtype)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import Boundary, candidate_boundaries, select_boundaries
+from .discovery import Boundary, UnsupportedModelError, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult
 from .flops import GateCosts, measure_costs
 from .gates import DecisionGate
@@ -40,9 +40,7 @@ class GatedModel(nn.Module):
         model_args: dict | None = None,
     ):
         super().__init__()
-        num_classes = getattr(model, "num_classes", 0)
-        if not num_classes:
-            raise ValueError("timm_dgate needs a classifier: create the timm model with num_classes > 0")
+        num_classes = require_classifier(model)
         self.base_model = model
         self.boundaries = tuple(boundaries)
         self.input_size = tuple(int(s) for s in input_size)
@@ -89,7 +87,8 @@ class GatedModel(nn.Module):
         """Store a named threshold profile (replacing one of the same name)."""
         if len(profile.thresholds) != self.num_gates:
             raise ValueError(
-                f"profile {profile.name!r} has {len(profile.thresholds)} thresholds; this model has {self.num_gates} gates"
+                f"profile {profile.name!r} has {len(profile.thresholds)} thresholds; "
+                f"this model has {self.num_gates} gates"
             )
         self.profiles[profile.name] = profile
         if activate:
@@ -220,6 +219,16 @@ class GatedModel(nn.Module):
         )
 
 
+def require_classifier(model: nn.Module) -> int:
+    """Gates predict classes, so the model must have a head; checked before any probe runs."""
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise UnsupportedModelError(
+            model_name(model),
+            f"it has no classifier (num_classes={num_classes!r}); create the timm model with num_classes > 0",
+        )
+    return int(num_classes)
+
 
 def wrap(
     model: nn.Module,
@@ -245,6 +254,7 @@ def wrap(
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
     """
+    require_classifier(model)
     input_size = tuple(input_size or default_input_size(model))
     chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
     return GatedModel(model, chosen, input_size, pool=pool, exit_score=exit_score, model_args=model_args)

@@ -8,6 +8,7 @@ than failing later inside timm.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -26,10 +27,8 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     channels, height, width = cfg.get("input_size", (3, 224, 224))
     first_conv = cfg.get("first_conv")
     if isinstance(first_conv, str):
-        try:
+        with contextlib.suppress(AttributeError):
             channels = model.get_submodule(first_conv).in_channels
-        except AttributeError:
-            pass
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None and not getattr(model, "dynamic_img_size", False):
         height, width = img_size
@@ -60,20 +59,26 @@ def probe_boundaries(
     a refused boundary comes back with the reason in ``problem``.
     """
     name = model_name(model)
+    refused = [b for b in boundaries if b.problem]  # feature_info names no real module
+    if refused and strict:
+        raise UnsupportedModelError(name, refused[0].problem, refused[0].name)
+    hooked = [b for b in boundaries if not b.problem]
+    if not hooked:
+        return list(boundaries)
     was_training = model.training
     model.eval()
-    engine = ExitEngine(model, [b.module for b in boundaries])
+    engine = ExitEngine(model, [b.module for b in hooked])
     try:
         x = torch.randn((PROBE_BATCH, *input_size), generator=torch.Generator().manual_seed(0))
         x = x.to(next(model.parameters()).device)
         try:
             outputs, reference = engine.collect(x, lambda k, out: out)
-        except Exception as error:  # noqa: BLE001 - any failure here means we cannot gate it
+        except Exception as error:
             raise UnsupportedModelError(
                 name, f"a forward pass at input size {tuple(input_size)} failed ({error})"
             ) from error
         checked = []
-        for k, (boundary, outs) in enumerate(zip(boundaries, outputs)):
+        for k, (boundary, outs) in enumerate(zip(hooked, outputs)):
             try:
                 boundary = _check_output(name, boundary, outs)
                 _check_exit(engine, name, boundary, k, x, reference)
@@ -82,7 +87,8 @@ def probe_boundaries(
                     raise
                 boundary = replace(boundary, problem=error.reason)
             checked.append(boundary)
-        return checked
+        probed = iter(checked)
+        return [b if b.problem else next(probed) for b in boundaries]
     finally:
         engine.remove()
         model.train(was_training)
@@ -127,7 +133,7 @@ def _check_exit(
 
     try:
         result = engine.exit_forward(x, drop_first)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise UnsupportedModelError(
             name, f"removing samples there breaks the rest of the forward ({error})", boundary.name
         ) from error

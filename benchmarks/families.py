@@ -1,0 +1,312 @@
+"""Sweep one small model per timm family through ``timm_dgate.stages`` and ``timm_dgate.wrap``.
+
+Why: the hook engine is only worth as much as the families it really works on, and the
+refusals are only useful if their reasons are clear. This sweep creates one small variant of
+every ``timm.list_modules()`` family with random weights at a small input, probes every
+boundary, wraps it with the default gates, and writes the outcome to
+``docs/architectures.md``. Each family runs in a forked child with a time cap, so one slow or
+hanging model cannot stall the sweep.
+
+    nice -n 10 .venv/bin/python benchmarks/families.py --output docs/architectures.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import platform
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_dgate
+from timm_dgate.probe import default_input_size
+
+SMALL_WORDS = {
+    "atto": 0, "femto": 1, "pico": 2, "nano": 3, "xxs": 4, "xx": 4, "xxtiny": 4, "xtiny": 5,
+    "tiny": 6, "xs": 6, "t": 6, "t0": 6, "mini": 7, "small": 8, "s": 8, "s0": 7, "b0": 7, "m0": 7, "lite": 8,
+}
+BIG_WORDS = {
+    "base": 5, "medium": 4, "m": 2, "large": 10, "l": 8, "huge": 12, "h": 10, "giant": 15, "g": 12,
+    "gigantic": 20, "enormous": 20, "xl": 12, "xlarge": 12, "dist": 1, "distilled": 1, "clip": 2, "enc": 1,
+}
+CAUSES = [  # (pattern in the refusal reason, cause as the doc groups it, what is going on)
+    ("does not exist", "`feature_info` names a module that does not exist",
+     "the name is one that timm's feature extraction or `forward_intermediates` uses (e.g. `block.i` for a "
+     "`blocks` list, or a stem that is a function), not a module the classifier's forward calls; a family "
+     "rule (`register_family(..., boundaries=...)`) can map it to real modules"),
+    ("names the whole model", "`feature_info` names the whole model", "the entry is `''`, which has no end"),
+    ("outputs tuple", "a stage outputs a tuple, not one tensor",
+     "stages hand several tensors on (pixel and patch tokens, tokens and class tokens, features and a "
+     "state); a gate would need to know which one carries the features and how to cut each"),
+    ("outputs list", "a stage outputs a list, not one tensor",
+     "one tensor per branch or scale travels between stages (multi-scale branches, dense links)"),
+    ("outputs dict", "a stage outputs a dict, not one tensor", "named tensors travel between stages"),
+    ("times per forward", "a boundary module runs more than once per forward", "the module is shared"),
+    ("first dimension is not the batch", "a stage output is not batch-first", "tokens are packed or transposed"),
+    ("-channel layout", "a stage output has no recognised feature layout",
+     "`feature_info`'s `num_chs` matches no dimension of the output"),
+    ("breaks the rest of the forward",
+     "removing samples breaks the later forward (full-batch shortcut or stored batch size)",
+     "a later layer still uses the full batch: the boundary sits inside a block whose shortcut holds the "
+     "input (xception), a cell takes two earlier outputs (nasnet, pnasnet), or `forward` keeps the "
+     "batch size from before the boundary (`B = x.shape[0]`) and reshapes with it later (coat, deepseek_vit, "
+     "qwen3_vit)"),
+    ("different logits", "samples that go on get different logits",
+     "a later layer mixes samples, so the survivors' results change when others leave"),
+    ("no stage boundary before its last stage", "no boundary before the last stage", "nothing to gate"),
+    ("forward pass at input size", "the probe forward failed", "the model fails with hooks attached"),
+]
+
+
+def size_key(name: str) -> tuple[float, float, float, int]:
+    """Heuristic rank of a variant's size from its name (smaller first): words, then numbers."""
+    tokens = [t for t in re.split(r"[_.\-]", name.lower()) if t]
+    penalty = sum(BIG_WORDS.get(t, 0) for t in tokens)
+    small = min((SMALL_WORDS[t] for t in tokens if t in SMALL_WORDS), default=10)
+    numbers = sum(int(n) for n in re.findall(r"\d+", name))
+    return penalty, small, numbers, len(name)
+
+
+def param_count(name: str) -> float:
+    """Parameters of ``name`` built on the meta device (no memory, no init); inf if that fails."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=False)
+        return float(sum(p.numel() for p in model.parameters()))
+    except Exception:
+        return float("inf")
+
+
+def pick_model(module: str, shortlist: int = 4) -> str | None:
+    """The smallest variant of a family: a name-based shortlist, then the fewest parameters."""
+    names = [n for n in timm.list_models(module=module) if not n.startswith("test_")]
+    if not names:
+        return None
+    ranked = sorted(names, key=size_key)[:shortlist]
+    return min(ranked, key=lambda n: (param_count(n), size_key(n)))
+
+
+def create(name: str, size: int | None) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """Create ``name`` (random init, 10 classes) for ``size`` pixels, or its default size when None."""
+    kwargs: dict[str, object] = {"pretrained": False, "num_classes": 10}
+    if size is None:
+        model = timm.create_model(name, **kwargs)
+        return model.eval(), default_input_size(model)
+    try:
+        model = timm.create_model(name, img_size=size, **kwargs)
+    except TypeError:  # the family has no img_size argument
+        model = timm.create_model(name, **kwargs)
+    return model.eval(), (3, size, size)
+
+
+@torch.no_grad()
+def runnable_model(name: str, sizes: Iterable[int | None]) -> tuple[torch.nn.Module, tuple[int, int, int], list[str]]:
+    """The first (model, input size) whose plain forward works, smallest input first."""
+    errors = []
+    for size in sizes:
+        try:
+            model, input_size = create(name, size)
+            model(torch.randn(2, *input_size))
+            return model, input_size, errors
+        except Exception as error:
+            errors.append(f"{size or 'default'}: {type(error).__name__}: {str(error)[:160]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def sweep_one(module: str, name: str | None) -> dict[str, object]:
+    """Everything the doc says about one family: the model, its boundaries, and wrap's verdict."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    row: dict[str, object] = {"family": module, "model": name}
+    if row["model"] is None:
+        return row | {"status": "skipped", "reason": "no model registered"}
+    try:
+        model, input_size, _ = runnable_model(str(row["model"]), (64, 56, 96, 112, 128, None))
+    except Exception as error:
+        return row | {"status": "skipped", "reason": f"plain model fails: {error}"[:400]}
+    row["input"] = input_size[1]
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    try:
+        found = timm_dgate.stages(model, input_size)
+    except timm_dgate.UnsupportedModelError as error:
+        return row | {"status": "refused", "reason": error.reason, "boundary": error.boundary, "total": 0}
+    row["total"] = len(found)
+    row["ok"] = sum(b.problem is None for b in found)
+    row["problems"] = [(b.name, b.problem) for b in found if b.problem]
+    row["passing"] = [b.name for b in found if b.problem is None]
+    try:
+        gated = timm_dgate.wrap(model, input_size=input_size)
+        row |= {"status": "ok", "gates": [f"{b.name} ({b.layout})" for b in gated.boundaries]}
+    except timm_dgate.UnsupportedModelError as error:
+        row |= {"status": "refused", "reason": error.reason, "boundary": error.boundary}
+    return row | {"seconds": round(time.perf_counter() - start, 1)}
+
+
+def _child(module: str, name: str | None, queue: mp.Queue) -> None:
+    try:
+        queue.put(sweep_one(module, name))
+    except BaseException as error:
+        queue.put({"family": module, "model": name, "status": "skipped",
+                   "reason": f"sweep crashed: {error!r}"[:300], "trace": traceback.format_exc()[-600:]})
+
+
+def run_capped(module: str, cap: float) -> dict[str, object]:
+    """``sweep_one`` in a forked child, killed after ``cap`` seconds (the model is picked here, on meta)."""
+    name = pick_model(module)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(module, name, queue), daemon=True)
+    start = time.perf_counter()
+    child.start()
+    while child.is_alive() and queue.empty() and time.perf_counter() - start < cap:
+        time.sleep(0.2)
+    try:
+        row = queue.get(timeout=5)
+    except Exception:
+        row = {"family": module, "model": name, "status": "skipped",
+               "reason": f"no result within the {cap:.0f} s cap (one thread)"}
+    if child.is_alive():
+        child.kill()
+    child.join()
+    return row
+
+
+def cause_of(reason: str) -> tuple[str, str]:
+    """The group a refusal belongs to, and the sentence that explains it."""
+    for pattern, cause, why in CAUSES:
+        if pattern in reason:
+            return cause, why
+    return "other", reason
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "| family | model | input | params (M) | boundaries ok/total | default gates | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] == "ok":
+            result = "ok"
+            if r.get("problems"):
+                result += "; refused elsewhere: " + "; ".join(f"`{n}`: {p}" for n, p in r["problems"])
+        else:
+            where = f" at `{r['boundary']}`" if r.get("boundary") else ""
+            result = f"**{r['status']}**{where}: {r.get('reason', '')}"
+            if r.get("passing"):
+                result += "; boundaries that pass: " + ", ".join(f"`{n}`" for n in r["passing"])
+        ok_total = f"{r.get('ok', 0)}/{r['total']}" if "total" in r else "-"
+        gates = ", ".join(f"`{g}`" for g in r.get("gates", [])) or "-"
+        lines.append(
+            f"| {r['family']} | {r.get('model') or '-'} | {r.get('input', '-')} | {r.get('params_m', '-')} "
+            f"| {ok_total} | {gates} | {_cell(result)[:600]} |"
+        )
+    return lines
+
+
+def summary(rows: list[dict[str, object]]) -> list[str]:
+    """Prose: which families work, which are refused and why (grouped by cause), which were skipped."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    clean = [r["family"] for r in ok if not r.get("problems")]
+    partial = [r["family"] for r in ok if r.get("problems")]
+    refused, skipped = defaultdict(list), [r for r in rows if r["status"] == "skipped"]
+    for r in rows:
+        if r["status"] == "refused":
+            refused[cause_of(str(r.get("reason", "")))].append(r["family"])
+    tested = len(rows) - len(skipped)
+    lines = [
+        f"- **{len(ok)} of {tested} families** that run here wrap with the default gates; "
+        f"{len(clean)} of them pass the probe at every boundary: {', '.join(clean)}.",
+    ]
+    if partial:
+        lines.append(
+            f"- {len(partial)} wrap with the default gates but have some other boundary refused "
+            f"(often a stem or a head-side boundary): {', '.join(partial)}."
+        )
+    total_refused = sum(len(v) for v in refused.values())
+    lines.append(f"- **{total_refused} families are refused** by `wrap` with the default gates. By cause:")
+    for (cause, why), families in sorted(refused.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  - {cause} ({len(families)}): {', '.join(families)}. Why: {why}.")
+    if skipped:
+        lines.append(f"- {len(skipped)} skipped (the plain model itself failed here, or it hit the time cap):")
+        lines.extend(f"  - {r['family']} ({r.get('model') or '-'}): {_cell(r.get('reason', ''))[:200]}"
+                     for r in skipped)
+    return lines
+
+
+def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]) -> None:
+    doc = [
+        "# Which timm architectures timm_dgate can gate",
+        "",
+        "Generated by `benchmarks/families.py`: one small variant per timm family "
+        "(`timm.list_modules()`; smallest by name, then by parameter count), random weights, 10 classes, "
+        "the first input of 64, 56, 96, 112, 128 px or the model's default at which the plain model runs. "
+        "`timm_dgate.stages` probes every `feature_info` boundary (drop one sample there; the others must "
+        "keep the plain model's logits exactly) and `timm_dgate.wrap` is called with the default gates. "
+        "A refused family can still be gated at the boundaries listed as passing "
+        "(`wrap(model, gates=[...])`).",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; timm {meta['timm']}, torch {meta['torch']}, Python {meta['python']}; "
+        f"per-family cap {meta['cap']:.0f} s on one thread; sweep took {meta['seconds'] / 60:.1f} min",
+        "",
+        "## Summary",
+        "",
+        *summary(rows),
+        "",
+        "## Per family",
+        "",
+        *table(rows),
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(doc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="*", help="timm module names (default: all)")
+    parser.add_argument("--cap", type=float, default=150.0, help="seconds per family")
+    parser.add_argument("--output", default="docs/architectures.md")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--from-json", default=None, help="only rewrite the doc from earlier raw results")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        write_doc(saved["rows"], Path(args.output), saved["meta"])
+        return
+    families = args.families or sorted(timm.list_modules())
+    start, rows = time.perf_counter(), []
+    for module in families:
+        row = run_capped(module, args.cap)
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    meta = {
+        "command": " ".join(["python", *sys.argv]), "cap": args.cap, "seconds": time.perf_counter() - start,
+        "date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    write_doc(rows, Path(args.output), meta)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

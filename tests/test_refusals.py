@@ -1,0 +1,249 @@
+"""Refusals are clear: ``wrap`` names the model, the boundary and the reason, up front.
+
+A boundary that cannot work as an exit must fail in ``timm_dgate.wrap`` with
+:class:`UnsupportedModelError`, never later as a shape error from inside timm. Most cases use
+tiny hand-written timm-like models (``feature_info`` + ``num_classes``) so each bad pattern is
+isolated and the tests stay fast; one real timm model (xception41) guards the shortcut case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_dgate
+from timm_dgate import discovery
+
+SIZE = (3, 16, 16)
+
+
+class TinyNet(nn.Module):
+    """A timm-like classifier: three stages listed in ``feature_info`` and a linear head."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.stage3 = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, num_classes)
+        self.feature_info = [
+            {"module": "stage1", "num_chs": 8, "reduction": 4},
+            {"module": "stage2", "num_chs": 16, "reduction": 8},
+            {"module": "stage3", "num_chs": 16, "reduction": 16},
+        ]
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage3(self.stage2(self.stage1(self.stem(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(x).mean((2, 3)))
+
+
+class ShortcutNet(TinyNet):
+    """The boundary sits inside a residual block: the shortcut still holds the full batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info[0] = {"module": "stage1.1", "num_chs": 8, "reduction": 4}
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stage1(x) + x
+        return self.stage3(self.stage2(x))
+
+
+class BogusNameNet(TinyNet):
+    """``feature_info`` names a module that the model does not have (like twins' ``block.i``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info[1] = {"module": "blocks.1", "num_chs": 16, "reduction": 8}
+
+
+class PairStage(nn.Module):
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.inner = stage
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.inner(x)
+        return y, y
+
+
+class TupleNet(TinyNet):
+    """A stage hands a tuple to the next one (like tnt's blocks or selecsls' features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage2 = PairStage(self.stage2)
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.stage2(self.stage1(self.stem(x)))
+        return self.stage3(y)
+
+
+class TwiceNet(TinyNet):
+    """A boundary module that runs twice per forward."""
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(self.stage1(self.stem(x)))
+        return self.stage3(self.stage2(x))
+
+
+class NotBatchFirstNet(TinyNet):
+    """A stage emits its output with the batch moved off the first dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage2 = nn.Sequential(self.stage2, Transpose())
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.stem(x)))  # (C, B, H, W)
+        return self.stage3(x.transpose(0, 1))
+
+
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+
+class WrongChannelsNet(TinyNet):
+    """``feature_info`` gives a channel count that the stage's output does not have."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info[1] = {"module": "stage2", "num_chs": 12, "reduction": 8}
+
+
+REFUSED = [  # (model class, refused boundary, words of the reason)
+    (ShortcutNet, "stage1.1", "removing samples there breaks the rest of the forward"),
+    (BogusNameNet, "blocks.1", "does not exist"),
+    (TupleNet, "stage2", "outputs tuple"),
+    (TwiceNet, "stage1", "runs 2 times"),
+    (NotBatchFirstNet, "stage2", "first dimension is not the batch"),
+    (WrongChannelsNet, "stage2", "no 12-channel layout"),
+]
+
+
+def make(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+@pytest.mark.parametrize(("cls", "boundary", "reason"), REFUSED, ids=[c[0].__name__ for c in REFUSED])
+def test_wrap_refuses_with_model_boundary_and_reason(cls, boundary, reason):
+    model = make(cls)
+    with pytest.raises(timm_dgate.UnsupportedModelError) as caught:
+        timm_dgate.wrap(model, input_size=SIZE)
+    error = caught.value
+    assert (error.model, error.boundary) == (cls.__name__, boundary)
+    assert reason in error.reason
+    assert cls.__name__ in str(error) and f"'{boundary}'" in str(error) and reason in str(error)
+
+
+@pytest.mark.parametrize(("cls", "boundary", "reason"), REFUSED, ids=[c[0].__name__ for c in REFUSED])
+def test_stages_lists_refused_boundaries_instead_of_raising(cls, boundary, reason):
+    found = timm_dgate.stages(make(cls), SIZE)
+    assert [b.name for b in found] == [e["module"] for e in cls().feature_info]
+    by_name = {b.name: b for b in found}
+    assert reason in by_name[boundary].problem
+    assert by_name["stage3"].problem is None and by_name["stage3"].layout == "NCHW"
+
+
+def test_other_boundaries_of_a_refused_model_still_wrap():
+    gated = timm_dgate.wrap(make(ShortcutNet), gates=["stage2"], input_size=SIZE)
+    assert [b.name for b in gated.boundaries] == ["stage2"]
+
+
+def test_plain_tinynet_wraps():
+    """The hand-made base model itself is fine, so each refusal above is due to its one change."""
+    gated = timm_dgate.wrap(make(TinyNet), input_size=SIZE)
+    assert [b.name for b in gated.boundaries] == ["stage1", "stage2"]
+
+
+def test_real_timm_shortcut_inside_block_is_refused():
+    """xception41's feature_info names ``blocks.N.stack.act3``, inside a block with a shortcut."""
+    model = timm.create_model("xception41", pretrained=False, num_classes=5).eval()
+    with pytest.raises(timm_dgate.UnsupportedModelError) as caught:
+        timm_dgate.wrap(model, gates=["blocks.1.stack.act3"], input_size=(3, 64, 64))
+    assert caught.value.model == "xception41" and caught.value.boundary == "blocks.1.stack.act3"
+    assert "xception41" in str(caught.value) and "breaks the rest of the forward" in str(caught.value)
+
+
+def test_model_without_feature_info_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model.num_classes = 2
+    with pytest.raises(timm_dgate.UnsupportedModelError, match=r"cannot gate Sequential: .*no feature_info"):
+        timm_dgate.wrap(model, input_size=SIZE)
+    with pytest.raises(timm_dgate.UnsupportedModelError, match="no feature_info"):
+        timm_dgate.stages(model, SIZE)
+
+
+def test_model_without_classifier_is_refused_before_probing():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    with pytest.raises(timm_dgate.UnsupportedModelError, match=r"cannot gate test_resnet: .*num_classes=0"):
+        timm_dgate.wrap(model, input_size=(3, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def test_resnet():
+    return timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+
+
+@pytest.mark.parametrize(
+    ("gates", "message"),
+    [
+        (["layer9"], "unknown gate position 'layer9'"),
+        ([7], "gate index 7 is out of range"),
+        ([-6], "gate index -6 is out of range"),
+        ([1, "layer1"], "name the same boundary twice"),
+    ],
+)
+def test_bad_gate_positions_list_the_valid_ones(test_resnet, gates, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        timm_dgate.wrap(test_resnet, gates=gates, input_size=(3, 32, 32))
+    assert not isinstance(caught.value, timm_dgate.UnsupportedModelError)
+    if "twice" not in message:
+        assert "act1, layer1, layer2, layer3, layer4" in str(caught.value)
+
+
+@pytest.fixture
+def family_rules():
+    """Registry changes made by a test are undone afterwards."""
+    saved = dict(discovery._FAMILY_RULES)
+    yield
+    discovery._FAMILY_RULES.clear()
+    discovery._FAMILY_RULES.update(saved)
+
+
+def test_register_family_overrides_placement(test_resnet, family_rules):
+    assert timm_dgate.family_of(test_resnet) == "resnet"
+    timm_dgate.register_family("resnet", placement=lambda boundaries: [len(boundaries) - 2])
+    gated = timm_dgate.wrap(test_resnet, input_size=(3, 32, 32))
+    assert [b.name for b in gated.boundaries] == ["layer3"]
+    defaults = [b.name for b in timm_dgate.stages(test_resnet, (3, 32, 32)) if b.default]
+    assert defaults == ["layer3"]
+
+
+def test_register_family_overrides_boundaries(test_resnet, family_rules):
+    only_layer2 = [b for b in discovery.feature_boundaries(test_resnet) if b.name in ("layer2", "layer4")]
+    timm_dgate.register_family("resnet", boundaries=lambda model: only_layer2)
+    assert [b.name for b in timm_dgate.stages(test_resnet, (3, 32, 32))] == ["layer2", "layer4"]
+
+
+def test_register_family_marks_unsupported(test_resnet, family_rules):
+    timm_dgate.register_family("resnet", unsupported="its stages are secretly recurrent")
+    with pytest.raises(timm_dgate.UnsupportedModelError, match="test_resnet: its stages are secretly recurrent"):
+        timm_dgate.wrap(test_resnet, input_size=(3, 32, 32))
+    with pytest.raises(timm_dgate.UnsupportedModelError, match="secretly recurrent"):
+        timm_dgate.stages(test_resnet, (3, 32, 32))
+
+
+def test_registry_is_restored(test_resnet):
+    """Runs after the tests above: the resnet family is back to its defaults."""
+    gated = timm_dgate.wrap(test_resnet, input_size=(3, 32, 32))
+    assert [b.name for b in gated.boundaries] == ["layer1", "layer2", "layer3"]
