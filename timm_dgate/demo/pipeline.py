@@ -57,6 +57,8 @@ class DemoConfig:
     val_size: int = 5000
     seed: int = 0
     retrain: bool = False
+    timing_images: int = 2048
+    timing_repeats: int = 3
 
 
 def _backbone(cfg: DemoConfig, splits, out: Path) -> torch.nn.Module:
@@ -74,7 +76,7 @@ def _backbone(cfg: DemoConfig, splits, out: Path) -> torch.nn.Module:
     model = timm.create_model(cfg.model, pretrained=False, **model_args)
     start = time.perf_counter()
     train_backbone(model, splits.train, epochs=cfg.backbone_epochs, input_size=cfg.input_size, seed=cfg.seed)
-    timm.models.save_for_hf(model, folder, model_args=model_args)
+    timm.models.save_for_hf(model, folder, model_args=model_args, safe_serialization=True)
     print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
     return model.eval()
 
@@ -128,7 +130,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)
-    print(f"Fashion-MNIST: {len(splits.train)} train, {len(splits.val)} validation (from train), {len(splits.test)} test")
+    sizes = (len(splits.train), len(splits.val), len(splits.test))
+    print("Fashion-MNIST: {} train, {} validation (from train), {} test".format(*sizes))
     backbone = _backbone(cfg, splits, out)
     print(f"  plain test accuracy {100 * accuracy(backbone, splits.test, cfg.input_size):.2f}%")
 
@@ -154,7 +157,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     reports: dict[str, EvalReport] = {}
     for loss, model in gated.items():
-        reports[loss] = evaluate(model, loaders["test"], split="test")
+        reports[loss] = evaluate(
+            model, loaders["test"], split="test", timing_images=cfg.timing_images, repeats=cfg.timing_repeats
+        )
         print(f"\n{loss} gates on the test split ({reports[loss].num_images} images):\n")
         print(format_table(reports[loss]))
 

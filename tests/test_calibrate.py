@@ -1,0 +1,101 @@
+"""Threshold calibration: targets met on validation, the better search never worse, no test data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import timm_dgate
+from timm_dgate.cache import cache_features
+from timm_dgate.calibrate import ExitTable, Target, search_thresholds
+from timm_dgate.flops import GateCosts
+
+from .conftest import batches, tiny_gated
+
+COSTS = GateCosts(to_gate=(1e8, 2e8, 3e8), gate=(2e5, 4e5, 8e5), backbone=4e8)
+
+
+def random_table(seed: int, n: int = 400) -> ExitTable:
+    """Exit scores with correctness that rises with the score and with depth, as in real gates."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, n, generator=g, dtype=torch.float64)
+    depth = torch.tensor([[-0.5], [0.5], [1.5]], dtype=torch.float64)
+    gates = torch.rand(3, n, generator=g) < torch.sigmoid(2 * scores + depth)
+    head = torch.rand(1, n, generator=g) < 0.9
+    return ExitTable(scores, torch.cat([gates, head]), COSTS)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("drop", [0.0, 0.005, 0.02, 0.1])
+def test_targets_are_met_and_coordinate_never_loses_to_sequential(seed, drop):
+    table = random_table(seed)
+    target = Target(max_drop=drop)
+    sequential = table.evaluate(search_thresholds(table, target, "sequential"))
+    better = table.evaluate(search_thresholds(table, target, "coordinate"))
+    needed = table.plain_accuracy - drop - 1e-12
+    assert sequential[0] >= needed and better[0] >= needed
+    assert better[1] <= sequential[1] + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flops_budget_is_met(seed):
+    table = random_table(seed)
+    budget = 0.6 * COSTS.backbone / 1e9
+    thresholds = search_thresholds(table, Target(max_gflops=budget))
+    accuracy, gflops, fractions = table.evaluate(thresholds)
+    assert gflops <= budget + 1e-12
+    assert math.isclose(fractions.sum().item(), 1.0)
+    assert accuracy >= table.evaluate(search_thresholds(table, Target(max_gflops=budget), "sequential"))[0]
+
+
+def test_a_target_must_be_single_and_sane():
+    with pytest.raises(ValueError, match="exactly one target"):
+        Target(max_drop=0.01, max_gflops=1.0)
+    with pytest.raises(ValueError, match="max_drop must be >= 0"):
+        Target(max_drop=-0.1)
+
+
+def test_calibrated_profile_matches_the_real_early_exit_forward(fmnist):
+    """The profile's validation numbers, from the cache, are what the real model does on that data."""
+    gated = tiny_gated()
+    timm_dgate.fit(gated, batches(fmnist.train), epochs=60, progress=False)
+    val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
+    profile = timm_dgate.calibrate(gated, val, max_drop=0.05, name="minus5")
+    assert profile.split == "validation" and gated.active_profile == "minus5"
+    assert profile.val_accuracy >= profile.val_plain_accuracy - 0.05
+    hits = exits = 0
+    with torch.no_grad():
+        for x, y in batches(fmnist.val):
+            out = gated(x, return_exits=True)
+            hits += (out.logits.argmax(1) == y).sum().item()
+            exits += (out.exits < gated.num_gates).sum().item()
+    assert abs(hits / len(fmnist.val) - profile.val_accuracy) <= 0.002
+    assert abs(exits / len(fmnist.val) - sum(profile.exit_fractions[:-1])) <= 0.002
+
+
+def test_profiles_switch_at_run_time(fmnist):
+    gated = tiny_gated()
+    timm_dgate.fit(gated, batches(fmnist.train), epochs=30, progress=False)
+    val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
+    calibrated = timm_dgate.calibrate(gated, val, max_drop=0.0, name="iso")
+    gated.add_profile(timm_dgate.Profile(name="closed", thresholds=[math.inf] * gated.num_gates))
+    x, _ = batches(fmnist.val)[0]
+    with torch.no_grad():
+        gated.use_profile("closed")
+        closed = gated(x, return_exits=True).exits
+        assert gated.thresholds == (math.inf,) * gated.num_gates
+        gated.use_profile("iso")
+        iso = gated(x, return_exits=True).exits
+    assert gated.thresholds == calibrated.thresholds
+    assert (closed == gated.num_gates).all() and (iso < gated.num_gates).any()
+    with pytest.raises(KeyError, match="unknown profile 'nope'"):
+        gated.use_profile("nope")
+
+
+def test_calibration_refuses_the_test_split(fmnist):
+    gated = tiny_gated()
+    test_cache = cache_features(gated, batches(fmnist.test), split="test", progress=False)
+    with pytest.raises(ValueError, match="must not see the test split"):
+        timm_dgate.calibrate(gated, test_cache, max_drop=0.01)

@@ -1,0 +1,27 @@
+"""The demo pipeline, end to end on a small slice of the real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+
+from timm_dgate.demo.pipeline import DROPS, DemoConfig, run_demo
+
+
+def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
+    cfg = DemoConfig(output=str(tmp_path), limit=400, val_size=400, backbone_epochs=1, gate_epochs=20,
+                     timing_images=64, timing_repeats=1)
+    results = run_demo(cfg)
+    printed = capsys.readouterr().out
+    assert "Backbone: training" in printed and "| profile | thresholds | test accuracy" in printed
+    for name in ("tradeoff.png", "exits_per_class.png", "results.json", "backbone/model.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    hinge = results["reports"]["hinge"]
+    assert hinge["split"] == "test" and hinge["num_images"] == 400
+    assert [p["name"] for p in hinge["profiles"]] == [f"hinge/margin {label}" for label in DROPS]
+    assert len(results["reports"]["ce"]["profiles"]) == 2 * len(DROPS)  # softmax and entropy exits
+    for profile in hinge["profiles"]:
+        assert 0 <= profile["flops_reduction"] < 1 and sum(profile["exit_fractions"]) > 0.999
+    assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
+
+    run_demo(cfg)
+    assert "loading the one trained earlier" in capsys.readouterr().out
