@@ -24,4 +24,4 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
 
     run_demo(cfg)
-    assert "loading the one trained earlier" in capsys.readouterr().out
+    assert "trained earlier from" in capsys.readouterr().out

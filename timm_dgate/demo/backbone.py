@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .data import preprocess
+from .data import CLASSES, preprocess
 
 
 def train_backbone(
@@ -55,3 +59,35 @@ def accuracy(model: nn.Module, data: TensorDataset, input_size: int = 32, batch_
         x = preprocess(images[start : start + batch_size], input_size)
         correct += (model(x).argmax(1) == labels[start : start + batch_size]).sum().item()
     return correct / len(labels)
+
+
+def cached_backbone(
+    name: str,
+    train: TensorDataset,
+    folder: str | Path,
+    *,
+    epochs: int = 3,
+    input_size: int = 32,
+    seed: int = 0,
+    retrain: bool = False,
+) -> nn.Module:
+    """A timm ``name`` trained on Fashion-MNIST, kept in ``folder`` in timm's own layout.
+
+    The first call trains and saves it (``timm.models.save_for_hf``); later calls load it,
+    so reruns of the demo and the benchmarks skip training.
+    """
+    folder = Path(folder)
+    model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
+    weights = folder / "model.safetensors"
+    if weights.exists() and not retrain:
+        print(f"Backbone: loading the {name} trained earlier from {folder} (--retrain to train again)")
+        overlay = {"file": str(weights)}
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_args).eval()
+    print(f"Backbone: training timm {name} on Fashion-MNIST for {epochs} epochs")
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **model_args)
+    start = time.perf_counter()
+    train_backbone(model, train, epochs=epochs, input_size=input_size, seed=seed)
+    timm.models.save_for_hf(model, folder, model_args=model_args, safe_serialization=True)
+    print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
+    return model.eval()

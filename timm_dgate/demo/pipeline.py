@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import timm
 import torch
 
 import timm_dgate
@@ -21,7 +20,7 @@ from timm_dgate.calibrate import ExitTable, calibrate, tradeoff_curve
 from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, format_table
 from timm_dgate.fit import fit
 
-from .backbone import accuracy, train_backbone
+from .backbone import accuracy, cached_backbone
 from .data import CLASSES, load_splits, preprocess
 
 # profile name -> allowed drop from the plain model's validation accuracy
@@ -59,26 +58,6 @@ class DemoConfig:
     retrain: bool = False
     timing_images: int = 2048
     timing_repeats: int = 3
-
-
-def _backbone(cfg: DemoConfig, splits, out: Path) -> torch.nn.Module:
-    """Train the backbone once and keep it in timm's own layout; later runs load it."""
-    folder = out / "backbone"
-    model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
-    weights = folder / "model.safetensors"
-    if weights.exists() and not cfg.retrain:
-        print(f"Backbone: loading the one trained earlier from {folder} (--retrain to train again)")
-        return timm.create_model(
-            cfg.model, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **model_args
-        ).eval()
-    print(f"Backbone: training timm {cfg.model} on Fashion-MNIST for {cfg.backbone_epochs} epochs")
-    torch.manual_seed(cfg.seed)
-    model = timm.create_model(cfg.model, pretrained=False, **model_args)
-    start = time.perf_counter()
-    train_backbone(model, splits.train, epochs=cfg.backbone_epochs, input_size=cfg.input_size, seed=cfg.seed)
-    timm.models.save_for_hf(model, folder, model_args=model_args, safe_serialization=True)
-    print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
-    return model.eval()
 
 
 def _plot(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, float], path: Path) -> None:
@@ -132,7 +111,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)
     sizes = (len(splits.train), len(splits.val), len(splits.test))
     print("Fashion-MNIST: {} train, {} validation (from train), {} test".format(*sizes))
-    backbone = _backbone(cfg, splits, out)
+    backbone = cached_backbone(
+        cfg.model, splits.train, out / "backbone",
+        epochs=cfg.backbone_epochs, input_size=cfg.input_size, seed=cfg.seed, retrain=cfg.retrain,
+    )
     print(f"  plain test accuracy {100 * accuracy(backbone, splits.test, cfg.input_size):.2f}%")
 
     input_size = (1, cfg.input_size, cfg.input_size)
