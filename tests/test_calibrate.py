@@ -79,7 +79,7 @@ def test_profiles_switch_at_run_time(fmnist):
     gated = tiny_gated()
     timm_dgate.fit(gated, batches(fmnist.train), epochs=30, progress=False)
     val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
-    calibrated = timm_dgate.calibrate(gated, val, max_drop=0.0, name="iso")
+    calibrated = gated.calibrate(val, max_drop=0.0, name="iso")  # the method form of timm_dgate.calibrate
     gated.add_profile(timm_dgate.Profile(name="closed", thresholds=[math.inf] * gated.num_gates))
     x, _ = batches(fmnist.val)[0]
     with torch.no_grad():

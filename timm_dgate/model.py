@@ -104,6 +104,12 @@ class GatedModel(nn.Module):
         self.active_profile = name
         return profile
 
+    def calibrate(self, data: Any, **target: Any) -> Profile:
+        """Choose thresholds on validation ``data`` and store them as a profile; see :func:`timm_dgate.calibrate`."""
+        from .calibrate import calibrate
+
+        return calibrate(self, data, **target)
+
     # ---- running ----------------------------------------------------------------------
 
     def _decide(self, k: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
