@@ -7,7 +7,7 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.demo.data import load_splits, preprocess
+from timm_dgate.demo.data import TensorBatches, load_splits
 
 SIZE = 32
 
@@ -19,11 +19,7 @@ def fmnist():
 
 
 def batches(data, batch_size: int = 250):
-    images, labels = data.tensors
-    return [
-        (preprocess(images[i : i + batch_size], SIZE), labels[i : i + batch_size])
-        for i in range(0, len(labels), batch_size)
-    ]
+    return list(TensorBatches(data, SIZE, batch_size))
 
 
 def tiny_gated(seed: int = 0) -> timm_dgate.GatedModel:

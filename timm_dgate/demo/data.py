@@ -8,8 +8,10 @@ per-sample PIL transforms in DataLoader workers.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,19 @@ def preprocess(images: torch.Tensor, size: int = 32, augment: bool = False) -> t
         flip = torch.rand(x.shape[0]) < 0.5
         x[flip] = x[flip].flip(-1)
     return x.contiguous()
+
+
+class TensorBatches:
+    """Preprocessed batches of a uint8 tensor data set, in order (a minimal loader)."""
+
+    def __init__(self, data: TensorDataset, input_size: int = 32, batch_size: int = 256):
+        self.images, self.labels = data.tensors
+        self.input_size, self.batch_size = input_size, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = start + self.batch_size
+            yield preprocess(self.images[start:stop], self.input_size), self.labels[start:stop]

@@ -7,7 +7,6 @@ in the final table comes from the 10,000-image test split, which chose nothing.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,28 +20,12 @@ from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, fo
 from timm_dgate.fit import fit
 
 from .backbone import accuracy, cached_backbone
-from .data import CLASSES, load_splits, preprocess
+from .data import CLASSES, TensorBatches, load_splits
 
 # profile name -> allowed drop from the plain model's validation accuracy
 DROPS = {"iso": 0.001, "-0.5pt": 0.005, "-1pt": 0.01, "-2pt": 0.02}
 # gate loss -> the exit scores it is calibrated with
 GATE_KINDS = {"hinge": ("margin",), "ce": ("softmax", "entropy")}
-
-
-class TensorBatches:
-    """Preprocessed batches of a uint8 tensor data set, in order (a minimal loader)."""
-
-    def __init__(self, data: torch.utils.data.TensorDataset, input_size: int, batch_size: int = 256):
-        self.images, self.labels = data.tensors
-        self.input_size, self.batch_size = input_size, batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, len(self.labels), self.batch_size):
-            stop = start + self.batch_size
-            yield preprocess(self.images[start:stop], self.input_size), self.labels[start:stop]
 
 
 @dataclass
