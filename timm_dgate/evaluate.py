@@ -47,6 +47,10 @@ class EvalReport:
     plain_gflops: float
     profiles: list[ProfileResult]
 
+    def table(self) -> str:
+        """The paper-style markdown table (see :func:`format_table`)."""
+        return format_table(self)
+
 
 def _batches(data: Iterable, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     for images, labels in data:

@@ -82,8 +82,14 @@ class _GateTrainer:
         self.optimizer = torch.optim.Adam(self.linears.parameters(), lr=lr)
 
     def margins(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``W (x - mean) / std + b``, with the scale applied to ``W`` rather than to every sample.
+
+        Centring stays on the features: folding the mean into the bias too would make the
+        weight gradient a difference of large sums, and N processes would drift apart.
+        """
         return [
-            linear((f.float() - m) / s) for linear, f, m, s in zip(self.linears, features, self.mean, self.std)
+            nn.functional.linear(f.float() - self.mean[k], linear.weight / self.std[k], linear.bias)
+            for k, (linear, f) in enumerate(zip(self.linears, features))
         ]
 
     def step(self, batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]], total: int) -> list[float]:
@@ -109,7 +115,7 @@ class _GateTrainer:
 
     @torch.no_grad()
     def fold_into(self, gates: nn.ModuleList) -> None:
-        """Write ``W (x - mean) / std + b`` into each gate as ``W' x + b'``."""
+        """Write the trained gates into the model's, as plain ``d = W' x + b'``."""
         for gate, linear, mean, std in zip(gates, self.linears, self.mean, self.std):
             weight = linear.weight / std
             gate.fc.weight.copy_(weight)
