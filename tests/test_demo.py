@@ -23,5 +23,6 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
         assert 0 <= profile["flops_reduction"] < 1 and sum(profile["exit_fractions"]) > 0.999
     assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
 
-    run_demo(cfg)
+    again = run_demo(cfg)
     assert "trained earlier from" in capsys.readouterr().out
+    assert again["reports"]["hinge"]["plain_accuracy"] == hinge["plain_accuracy"]  # the whole backbone came back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -78,11 +79,13 @@ def cached_backbone(
     """
     folder = Path(folder)
     model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
-    weights = folder / "model.safetensors"
-    if weights.exists() and not retrain:
+    if (folder / "model.safetensors").exists() and not retrain:
+        saved = json.loads((folder / "config.json").read_text())["architecture"]
+        if saved != name:
+            raise ValueError(f"{folder} holds a trained {saved}, not {name}: pass --retrain or another output folder")
         print(f"Backbone: loading the {name} trained earlier from {folder} (--retrain to train again)")
-        overlay = {"file": str(weights)}
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_args).eval()
+        # timm's own loader for its layout: the saved config carries num_classes, so the head is kept
+        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     print(f"Backbone: training timm {name} on Fashion-MNIST for {epochs} epochs")
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **model_args)
