@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the Fashion-MNIST demo: train, gate, calibrate, measure on test")
     demo.add_argument("--output", default="runs/demo", help="folder for results, plots and the cached backbone")
     demo.add_argument("--model", default="resnet18", help="timm architecture of the backbone")
-    demo.add_argument("--backbone-epochs", type=int, default=3)
+    demo.add_argument("--backbone-epochs", type=int, default=4)
     demo.add_argument("--gate-epochs", type=int, default=300)
     demo.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
     demo.add_argument("--val-size", type=int, default=5000, help="validation images carved from train")

@@ -151,7 +151,7 @@ def fit(
     *,
     loss: str = "hinge",
     epochs: int = 300,
-    lr: float = 0.05,
+    lr: float = 0.2,
     reg: float = 1e-4,
     stream: bool = False,
     stats_batches: int = 20,

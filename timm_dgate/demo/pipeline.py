@@ -33,7 +33,7 @@ class DemoConfig:
     output: str = "runs/demo"
     model: str = "resnet18"
     input_size: int = 32
-    backbone_epochs: int = 3
+    backbone_epochs: int = 4
     gate_epochs: int = 300
     limit: int | None = None
     val_size: int = 5000
