@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import timm_dgate
 from timm_dgate.demo.pipeline import DROPS, DemoConfig, run_demo
 
 
@@ -22,6 +23,9 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     for profile in hinge["profiles"]:
         assert 0 <= profile["flops_reduction"] < 1 and sum(profile["exit_fractions"]) > 0.999
     assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
+    published = timm_dgate.from_pretrained(tmp_path / "hub")
+    assert list(published.profiles) == [p["name"] for p in hinge["profiles"]]
+    assert all(p.test["split"] == "test" for p in published.profiles.values())
 
     again = run_demo(cfg)
     assert "trained earlier from" in capsys.readouterr().out

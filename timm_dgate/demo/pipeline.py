@@ -55,7 +55,7 @@ def _plot(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, floa
     ax.scatter([plain[1]], [100 * plain[0]], color="black", zorder=5, label="plain model")
     ax.set_xlabel("average GFLOPs per image (gates included)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs compute on Fashion-MNIST (thresholds chosen on validation)")
+    ax.set_title("Fashion-MNIST test split (thresholds chosen on validation)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -153,6 +153,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "curves": curves,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    hub = gated["hinge"].save_pretrained(out / "hub", tradeoff_plot=out / "tradeoff.png")
     print(f"\nPlots: {out / 'tradeoff.png'}, {out / 'exits_per_class.png'}; numbers: {out / 'results.json'}")
+    print(f"Hinge-gated model with its profiles: {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
     print(f"Demo finished in {results['seconds']:.0f}s")
     return results
