@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import InputError, report_errors
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,6 +51,124 @@ def _stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    """The saved gated model and its data, preprocessed as the backbone's saved config says."""
+    from .datasets import RecipeData, data_config
+    from .hub import from_pretrained
+
+    gated = from_pretrained(args.folder)
+    unknown = [p for p in getattr(args, "profile", None) or [] if p not in gated.profiles]
+    if unknown:
+        raise InputError(f"{args.folder} has no profile {', '.join(unknown)}; it has: {', '.join(gated.profiles)}")
+    return gated, RecipeData(args, data_config(gated.base_model, gated.input_size))
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .cache import cache_features
+    from .hub import CONFIG_NAME, _card_profiles
+    from .recipe import calibrate_profiles
+
+    gated, data = _load(args)
+    val = data.splits(need_test=False)["validation"]
+    print(f"calibrating on {len(val)} validation images ({val.source})")
+    cache = cache_features(gated, data.loader(val), split="validation")
+    profiles = calibrate_profiles(gated, cache, args.max_drop, args.max_gflops)
+    print(_card_profiles(profiles))
+    backbone = json.loads((Path(args.folder) / CONFIG_NAME).read_text())["backbone"]
+    out = gated.save_pretrained(
+        args.output or args.folder, base_model=backbone["hub_id"], include_backbone=backbone["source"] == "folder"
+    )
+    print(f"saved {len(gated.profiles)} profiles to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    gated, data = _load(args)
+    test = data.test()
+    report = evaluate(gated, data.loader(test), args.profile, split=args.test_split, timing_images=args.timing_images)
+    print(f"{args.test_split}: {len(test)} images ({test.source})\n")
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=2, default=str))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import format_throughput, throughput
+
+    gated, data = _load(args)
+    split = data.test() if args.test_split else data.splits(need_test=False)["validation"]
+    images = torch.cat([x for x, _ in data.loader(split)])[: args.images].to(next(gated.parameters()).device)
+    names = args.profile or list(gated.profiles)
+    if not names:
+        raise InputError(f"{args.folder} has no threshold profiles to time; run `timm-dgate calibrate` first")
+    print(f"{len(images)} {split.name} images ({split.source}); profiles: {', '.join(names)}\n")
+    print(format_throughput(throughput(gated, images, args.batch_sizes, names, args.repeats)))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import CONFIG_NAME, PLOT_NAME, from_pretrained
+
+    folder = Path(args.folder)
+    gated = from_pretrained(folder)  # checks every file before anything is uploaded
+    backbone = json.loads((folder / CONFIG_NAME).read_text())["backbone"]
+    plot = folder / PLOT_NAME
+    info = gated.push_to_hub(
+        args.repo_id, private=args.private or None, revision=args.revision, token=args.token,
+        base_model=backbone["hub_id"], include_backbone=backbone["source"] == "folder",
+        tradeoff_plot=plot if plot.is_file() else None,
+    )
+    print(f"pushed {folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .recipe import run_fit
+
+    return run_fit(args)
+
+
+def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .datasets import check_data_arguments
+
+    check_data_arguments(parser, args)
+    if not Path(args.folder).is_dir():
+        parser.error(f"{args.folder} is not a folder saved by save_pretrained or `timm-dgate fit`")
+
+
+def _check_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .recipe import check_target_arguments
+
+    _check_data(parser, args)
+    check_target_arguments(parser, args)
+
+
+def _check_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_data(parser, args)
+    if not args.test_split:
+        parser.error("--test-split is required: the split to measure on")
+
+
+def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_data(parser, args)
+    if min(args.batch_sizes) < 1 or args.images < 1 or args.repeats < 1:
+        parser.error("--batch-sizes, --images and --repeats must be positive")
+
+
+def _folder_command(sub, name: str, help: str, test_split: str = ""):
+    from .datasets import add_data_arguments
+
+    command = sub.add_parser(name, help=help, description=help)
+    command.add_argument("folder", help="a gated model folder (save_pretrained, or OUTPUT/hub of `timm-dgate fit`)")
+    add_data_arguments(command, test_split=test_split)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-dgate", description="Decision gates for timm classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,12 +189,53 @@ def build_parser() -> argparse.ArgumentParser:
     stages_cmd.add_argument("--num-classes", type=int, default=1000)
     stages_cmd.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     stages_cmd.set_defaults(func=_stages)
+
+    from .recipe import DESCRIPTION, add_fit_arguments, add_target_arguments, check_fit_arguments
+
+    fit_cmd = sub.add_parser("fit", help="the fit recipe (recipes/fit.py): fit, calibrate, evaluate, save",
+                             description=DESCRIPTION)
+    add_fit_arguments(fit_cmd)
+    fit_cmd.set_defaults(func=_fit, check=check_fit_arguments)
+
+    calibrate_cmd = _folder_command(sub, "calibrate", "calibrate new threshold profiles on validation data; save back")
+    add_target_arguments(calibrate_cmd)
+    calibrate_cmd.add_argument("--output", default=None, help="folder to save to (default: the folder itself)")
+    calibrate_cmd.set_defaults(func=_calibrate, check=_check_calibrate)
+
+    eval_cmd = _folder_command(sub, "eval", "measure the folder's profiles on a held-out split (paper-style table)",
+                               test_split="test")
+    eval_cmd.add_argument("--profile", nargs="+", default=None, help="profiles to measure (default: all)")
+    eval_cmd.add_argument("--timing-images", type=int, default=1024, help="images timed against the plain model")
+    eval_cmd.add_argument("--json", default=None, help="also write the report to this JSON file")
+    eval_cmd.set_defaults(func=_eval, check=_check_eval)
+
+    bench_cmd = _folder_command(sub, "bench", "images/s of each profile against the plain model, per batch size")
+    bench_cmd.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256], help="batch sizes to time")
+    bench_cmd.add_argument("--images", type=int, default=512,
+                           help="images timed (test split if given, else validation)")
+    bench_cmd.add_argument("--repeats", type=int, default=3, help="timed passes; the median counts")
+    bench_cmd.add_argument("--profile", nargs="+", default=None, help="profiles to time (default: all)")
+    bench_cmd.set_defaults(func=_bench, check=_check_bench)
+
+    push = sub.add_parser("push", help="push a saved gated folder to the Hugging Face Hub",
+                          description="Load a saved folder (which checks it), then push it to a Hub repo.")
+    push.add_argument("folder", help="a gated model folder")
+    push.add_argument("repo_id", help="Hub repo, e.g. org/resnet50-dgate")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    push.set_defaults(func=_push)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)  # errors are reported as the subcommand's
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "check"):
+        args.check(args.parser, args)
+    return report_errors(args.parser, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -155,34 +155,44 @@ class RecipeData:
         """``train`` and ``validation`` (held out of train unless a split is named), and ``test`` if asked."""
         args = self.args
         train = self._create(args.train_split)
-        base = {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None}
         out = {}
         if args.val_split:
-            out["train"] = self._subset("train", train, torch.arange(len(train)), args.train_split, base)
-            val = self._create(args.val_split)
-            out["validation"] = self._subset("validation", val, torch.arange(len(val)), args.val_split, base)
+            out["train"] = self._subset("train", train, torch.arange(len(train)), args.train_split)
+            out["validation"] = self._named("validation", args.val_split)
         else:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
             held = max(1, round(args.val_fraction * len(train)))
             if held >= len(train):
                 raise InputError(f"split {args.train_split!r} has {len(train)} images: too few to hold out validation")
             source = f"{args.val_fraction:g} of {args.train_split!r} held out (seed {args.seed})"
-            out["train"] = self._subset("train", train, order[held:], f"{args.train_split!r} minus validation", base)
-            out["validation"] = self._subset("validation", train, order[:held], source, base)
+            out["train"] = self._subset("train", train, order[held:], f"{args.train_split!r} minus validation")
+            out["validation"] = self._subset("validation", train, order[:held], source)
         if need_test and args.test_split:
-            test = self._create(args.test_split)
-            out["test"] = self._subset("test", test, torch.arange(len(test)), args.test_split, base)
+            out["test"] = self.test()
         return out
 
-    def _subset(self, name: str, dataset: Dataset, indices: torch.Tensor, source: str, base: dict) -> SplitData:
-        limit = self.args.limit
+    def test(self) -> SplitData:
+        """The held-out test split (``--test-split``), which chooses nothing."""
+        if not self.args.test_split:
+            raise InputError("no --test-split given")
+        return self._named("test", self.args.test_split)
+
+    def _named(self, name: str, split: str) -> SplitData:
+        dataset = self._create(split)
+        return self._subset(name, dataset, torch.arange(len(dataset)), split)
+
+    def _subset(self, name: str, dataset: Dataset, indices: torch.Tensor, source: str) -> SplitData:
+        args = self.args
+        limit = args.limit
         if limit is not None and limit < len(indices):
-            pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.args.seed + 1))[:limit]
+            pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(args.seed + 1))[:limit]
             indices = indices[pick]
             source += f", a random {limit}"
         indices = indices.sort().values  # read files in order
         digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:16]
-        identity = {**base, "split": source, "num_images": len(indices), "indices": digest}
+        data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+        identity = {"dataset": args.dataset, "data_dir": data_dir, "split": source, "of": len(dataset)}
+        identity["indices"] = digest
         whole = len(indices) == len(dataset)
         return SplitData(name, dataset if whole else Subset(dataset, indices.tolist()), source, identity)
 
