@@ -1,0 +1,178 @@
+"""The fit recipe and the CLI, run as users run them: on real Fashion-MNIST images with a tiny timm model.
+
+No network: backbones are random ``test_resnet`` weights written to a checkpoint file that
+the recipe loads with ``--initial-checkpoint``, as a user's own trained model would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_dgate
+from timm_dgate import cli, recipe
+from timm_dgate.demo.data import default_root, load_splits
+
+from .test_accelerate import _env, _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "test_resnet", "--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
+FAST = ["-j", "0", "-b", "64", "--gate-epochs", "30", "--timing-images", "64"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
+    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A user's own data: PNGs in class folders under train/ and validation/ (real Fashion-MNIST images)."""
+    root = tmp_path_factory.mktemp("images")
+    splits = load_splits(val_size=100, limit=160)
+    for name, data in (("train", splits.train), ("validation", splits.val)):
+        images, labels = data.tensors
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            folder = root / name / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy(), mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, image_folder, checkpoint) -> Path:
+    """``timm-dgate fit`` on the image folder, validation held out of train, validation/ as the test split."""
+    out = tmp_path_factory.mktemp("fitted")
+    argv = ["fit", *MODEL, "--initial-checkpoint", str(checkpoint), "--data-dir", str(image_folder),
+            "--test-split", "validation", "--val-fraction", "0.25", "--max-drop", "0", "1", "--max-gflops", "0.007",
+            "--output", str(out), *FAST]
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_two_process_recipe_on_fashion_mnist(tmp_path, checkpoint):
+    """accelerate launch, 2 CPU ranks: each caches its shard, the main rank calibrates, evaluates and saves once."""
+    load_splits(val_size=10, limit=10)  # unpacks Debian's Fashion-MNIST files into default_root() if needed
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).with_name("accelerate")
+    done = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "recipes/fit.py"),
+         *MODEL, "--initial-checkpoint", str(checkpoint), "--dataset", "torch/fashion_mnist",
+         "--data-dir", str(default_root()), "--test-split", "test", "--limit", "300",
+         "--max-drop", "0", "1", "--max-gflops", "0.007", "--output", str(out), *FAST],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # only the main process writes
+    gated = timm_dgate.from_pretrained(out / "hub")
+    assert list(gated.profiles) == ["drop-0pt", "drop-1pt", "gflops-0.007"]
+    assert gated.active_profile == "drop-0pt"
+    for profile in gated.profiles.values():
+        assert len(profile.thresholds) == gated.num_gates == 3
+        assert profile.split == "validation" and profile.val_accuracy is not None and profile.val_gflops is not None
+        assert profile.test["split"] == "test" and 0 <= profile.test["accuracy"] <= 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["fit"]["num_processes"] == 2 and results["fit"]["num_samples"] == 300  # each image once
+    assert results["data"]["validation"]["source"].startswith("0.1 of 'train' held out")
+    assert len(list((out / "cache").glob("train-*-rank[01]of2.safetensors"))) == 2
+    assert (out / "tradeoff.png").stat().st_size > 0 and "test accuracy" in (out / "results.md").read_text()
+
+
+def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, image_folder, checkpoint, monkeypatch,
+                                                                  capsys):
+    argv = [*MODEL, "--initial-checkpoint", str(checkpoint), "--data-dir", str(image_folder),
+            "--val-split", "validation", "--max-drop", "0.5", "--output", str(tmp_path), *FAST]
+    assert recipe.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "validation: 100 images (validation)" in first and "No --test-split" in (tmp_path / "results.md").read_text()
+    gated = timm_dgate.from_pretrained(tmp_path / "hub")
+    assert list(gated.profiles) == ["drop-0.5pt"] and gated.gate_loss == "hinge"
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although every split was cached")
+
+    monkeypatch.setattr(recipe, "cache_features", no_backbone)
+    assert recipe.main([*argv, "--gate-loss", "ce", "--max-drop", "1"]) == 0
+    assert capsys.readouterr().out.count("reusing cached") == 2  # train and validation
+    gated = timm_dgate.from_pretrained(tmp_path / "hub")
+    assert list(gated.profiles) == ["drop-1pt"] and gated.exit_score == "softmax"
+
+
+def test_fit_subcommand_holds_out_validation_and_saves_a_loadable_folder(fitted):
+    results = json.loads((fitted / "results.json").read_text())
+    assert results["data"]["train"]["images"] == 120 and results["data"]["validation"]["images"] == 40
+    assert results["data"]["test"]["images"] == 100
+    gated = timm_dgate.from_pretrained(fitted / "hub")
+    assert set(gated.profiles) == {"drop-0pt", "drop-1pt", "gflops-0.007"}
+    assert gated.base_model.pretrained_cfg["input_size"] == (1, 32, 32)  # preprocessing travels with the folder
+
+
+def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folder, monkeypatch, capsys):
+    data = ["--data-dir", str(image_folder), "--val-fraction", "0.25", "-j", "0"]
+    copy = tmp_path / "copy"
+    assert cli.main(["calibrate", str(fitted / "hub"), *data, "--max-drop", "2", "--output", str(copy)]) == 0
+    assert "drop-2pt" in timm_dgate.from_pretrained(copy).profiles
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", str(copy), *data, "--test-split", "validation", "--profile", "drop-2pt",
+                     "--timing-images", "32", "--json", str(report)]) == 0
+    assert "| drop-2pt |" in capsys.readouterr().out
+    assert json.loads(report.read_text())["num_images"] == 100
+    assert cli.main(["bench", str(copy), *data, "--batch-sizes", "1", "16", "--images", "32", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 | drop-0pt |" in table and "| 16 | drop-2pt |" in table
+
+    pushed = {}
+    monkeypatch.setattr(timm_dgate.GatedModel, "push_to_hub", lambda self, repo, **kw: pushed.update(kw, repo=repo))
+    assert cli.main(["push", str(copy), "org/test-dgate", "--private"]) == 0
+    assert pushed["repo"] == "org/test-dgate" and pushed["private"] is True and pushed["include_backbone"] is True
+    assert pushed["tradeoff_plot"] is None  # the copy has no plot; the fit folder has one
+    assert cli.main(["push", str(fitted / "hub"), "org/test-dgate"]) == 0
+    assert pushed["tradeoff_plot"].name == "tradeoff.png"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", *MODEL, "--data-dir", "/no/such/dir"], "does not exist"),
+        (["fit", *MODEL[:2], "--num-classes", "0", "--data-dir", "{images}"], "no classifier"),
+        (["fit", *MODEL, "--data-dir", "{images}", "--gates", "layer9"], "unknown gate position"),
+        (["fit", *MODEL, "--data-dir", "{images}", "--val-split", "holdout"], "split 'holdout' not found"),
+        (["fit", *MODEL, "--data-dir", "{images}", "--val-split", "validation", "--test-split", "validation"],
+         "same data"),
+        (["fit", *MODEL, "--data-dir", "{images}", "--initial-checkpoint", "/no/such.pth"], "not a file"),
+        (["fit", *MODEL, "--dataset", "torch/fashion_mnist", "--val-split", "validation", "--test-split", "test"],
+         "only train and test"),
+        (["calibrate", "{fitted}", "--data-dir", "{images}", "--max-drop", "-1"], "must be >= 0"),
+        (["eval", "{fitted}", "--data-dir", "{images}", "--test-split", "validation", "--profile", "nope"],
+         "has no profile nope"),
+        (["bench", "/no/such/folder"], "is not a folder"),
+        (["fit", "--model", "no_such_model_xyz", "--data-dir", "{images}"], "timm could not create"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(argv, message, image_folder, fitted, capsys):
+    argv = [a.format(images=image_folder, fitted=fitted / "hub") for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "-j", "0"] if argv[0] != "bench" else argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_recipe_script_reports_bad_arguments_like_argparse():
+    argv = [sys.executable, str(ROOT / "recipes/fit.py"), "--model", "test_resnet", "--gate-loss", "svm"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "invalid choice: 'svm'" in done.stderr
