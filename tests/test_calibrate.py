@@ -39,6 +39,48 @@ def test_targets_are_met_and_coordinate_never_loses_to_sequential(seed, drop):
     assert better[1] <= sequential[1] + 1e-12
 
 
+def paired_lower_bound(table: ExitTable, thresholds: tuple[float, ...], z: float) -> float:
+    """Hand computation: mean accuracy change against the plain model minus z standard errors."""
+    exits = table.exits(thresholds)
+    change = table.correct[exits, torch.arange(len(exits))].double() - table.correct[-1].double()
+    return (change.mean() - z * change.std(correction=0) / math.sqrt(len(change))).item()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_confidence_bound_is_met_and_costs_compute(seed):
+    table = random_table(seed, n=1000)
+    target = Target(max_drop=0.01, confidence=0.9)
+    sure = search_thresholds(table, target)
+    assert paired_lower_bound(table, sure, target.z) >= -0.01 - 1e-9
+    plain = search_thresholds(table, Target(max_drop=0.01))
+    assert table.evaluate(sure)[1] >= table.evaluate(plain)[1] - 1e-12
+    sequential = search_thresholds(table, target, "sequential")
+    assert paired_lower_bound(table, sequential, target.z) >= -0.01 - 1e-9
+    assert table.evaluate(sure)[1] <= table.evaluate(sequential)[1] + 1e-12
+
+
+def split_table(seed: int, n: int) -> tuple[ExitTable, ExitTable]:
+    whole = random_table(seed, 2 * n)
+    return (ExitTable(whole.scores[:, :n], whole.correct[:, :n], COSTS),
+            ExitTable(whole.scores[:, n:], whole.correct[:, n:], COSTS))
+
+
+def test_confidence_keeps_profiles_above_target_on_unseen_data():
+    """What ``confidence`` is for: without it about half of all profiles miss their target on new data.
+
+    (Not down to 1%: the test split is a sample too, and the search picks the thresholds that
+    happen to look best on validation.)
+    """
+    misses = {None: 0, 0.99: 0}
+    seeds = range(30)
+    for seed in seeds:
+        val, test = split_table(seed, 1000)
+        for confidence in misses:
+            thresholds = search_thresholds(val, Target(max_drop=0.005, confidence=confidence))
+            misses[confidence] += test.evaluate(thresholds)[0] < test.plain_accuracy - 0.005
+    assert misses[None] >= 0.4 * len(seeds) and misses[0.99] <= 0.2 * len(seeds), misses
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_flops_budget_is_met(seed):
     table = random_table(seed)
@@ -55,6 +97,10 @@ def test_a_target_must_be_single_and_sane():
         Target(max_drop=0.01, max_gflops=1.0)
     with pytest.raises(ValueError, match="max_drop must be >= 0"):
         Target(max_drop=-0.1)
+    with pytest.raises(ValueError, match="confidence applies to accuracy targets"):
+        Target(max_gflops=1.0, confidence=0.9)
+    with pytest.raises(ValueError, match=r"confidence must be in \[0.5, 1\)"):
+        Target(max_drop=0.01, confidence=95)
 
 
 def test_calibrated_profile_matches_the_real_early_exit_forward(fmnist):

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 
@@ -40,6 +41,7 @@ class Target:
     min_accuracy: float | None = None
     max_drop: float | None = None
     max_gflops: float | None = None
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         given = [v for v in (self.min_accuracy, self.max_drop, self.max_gflops) if v is not None]
@@ -47,12 +49,23 @@ class Target:
             raise ValueError("give exactly one target: min_accuracy, max_drop or max_gflops")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError(f"max_drop must be >= 0 (a fraction: 0.005 is half a point), got {self.max_drop}")
+        if self.confidence is not None:
+            if self.max_gflops is not None:
+                raise ValueError("confidence applies to accuracy targets (max_drop, min_accuracy), not max_gflops")
+            if not 0.5 <= self.confidence < 1:
+                raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+
+    @property
+    def z(self) -> float:
+        """Standard errors the accuracy estimate must clear the target by (0 without ``confidence``)."""
+        return NormalDist().inv_cdf(self.confidence) if self.confidence else 0.0
 
     def describe(self) -> str:
+        sure = f" with {100 * self.confidence:g}% confidence" if self.confidence else ""
         if self.max_drop is not None:
-            return f"accuracy >= plain - {100 * self.max_drop:.2f} pt"
+            return f"accuracy >= plain - {100 * self.max_drop:.2f} pt{sure}"
         if self.min_accuracy is not None:
-            return f"accuracy >= {100 * self.min_accuracy:.2f}%"
+            return f"accuracy >= {100 * self.min_accuracy:.2f}%{sure}"
         return f"<= {self.max_gflops:g} GFLOPs"
 
 
@@ -100,32 +113,63 @@ class ExitTable:
         return accuracy, gflops, fractions
 
 
-def _goal(target: Target, plain_accuracy: float, n: int) -> tuple[str, float]:
-    """The constraint as ('correct', min correct count) or ('flops', max total FLOPs)."""
-    if target.max_gflops is not None:
-        return "flops", target.max_gflops * 1e9 * n
-    needed = target.min_accuracy if target.min_accuracy is not None else plain_accuracy - target.max_drop
-    return "correct", math.ceil(needed * n - 1e-9)
+@dataclass(frozen=True)
+class _Goal:
+    """What a search minimises: ``kind`` is ``correct`` (a floor on correct answers), ``flops``
+    (a ceiling on total FLOPs) or ``price`` (the trade-off ``flops - bound * correct``).
 
-
-def _rank(kind: str, bound: float, correct: torch.Tensor, flops: torch.Tensor) -> torch.Tensor:
-    """Lexicographic key (violation, objective) folded into one float64: lower is better.
-
-    ``kind == "price"`` is the unconstrained trade-off ``flops - bound * correct``.
+    With ``z > 0`` a ``correct`` floor must be cleared by the lower confidence bound
+    ``correct - z * sqrt(changed - (correct - reference)^2 / n)``: ``changed`` counts samples
+    whose correctness differs from the reference's (the plain model's for a drop target,
+    always-wrong for an absolute one), which makes that the paired standard error times n.
     """
-    if kind == "price":
-        return flops - bound * correct
-    if kind == "correct":
-        violation = (bound - correct).clamp_min(0)
-        return violation * 1e30 + flops
-    violation = (flops - bound).clamp_min(0)
-    return violation * 1e6 - correct
+
+    kind: str
+    bound: float
+    changed: torch.Tensor  # (K + 1, N): correctness at that exit differs from the reference
+    z: float = 0.0
+    reference: float = 0.0  # correct answers of the reference
+
+    def rank(self, correct: torch.Tensor, changed: torch.Tensor, flops: torch.Tensor) -> torch.Tensor:
+        """Lexicographic key (violation, objective) folded into one float64: lower is better."""
+        if self.kind == "price":
+            return flops - self.bound * correct
+        if self.kind == "correct":
+            if self.z:
+                n = self.changed.shape[1]
+                spread = (changed - (correct - self.reference).square() / n).clamp_min(0).sqrt()
+                correct = correct - self.z * spread
+            return (self.bound - correct).clamp_min(0) * 1e30 + flops
+        return (flops - self.bound).clamp_min(0) * 1e6 - correct
 
 
-def _best_for_gate(table: ExitTable, thresholds: list[float], k: int, kind: str, bound: float) -> tuple[float, float]:
+def _goal(table: ExitTable, target: Target) -> _Goal:
+    n = table.scores.shape[1]
+    if target.max_gflops is not None:
+        return _Goal("flops", target.max_gflops * 1e9 * n, table.correct)
+    if target.max_drop is not None:
+        reference = table.correct[-1]
+        needed = table.plain_accuracy - target.max_drop
+    else:
+        reference = torch.zeros_like(table.correct[-1])
+        needed = target.min_accuracy
+    changed = table.correct != reference
+    return _Goal("correct", math.ceil(needed * n - 1e-9), changed, target.z, reference.double().sum().item())
+
+
+def _price_optima(table: ExitTable, count: int, max_rounds: int) -> list[list[float]]:
+    """Thresholds minimising ``FLOPs - price * correct`` for ``count`` prices from 1e-3 to 1e2 backbones."""
+    optima = []
+    for i in range(count):
+        price = table.costs.backbone * 10 ** (-3 + 5 * i / max(1, count - 1))
+        optima.append(_descend(table, [math.inf] * table.num_gates, _Goal("price", price, table.correct), max_rounds))
+    return optima
+
+
+def _best_for_gate(table: ExitTable, thresholds: list[float], k: int, goal: _Goal) -> tuple[float, float]:
     """Best threshold for gate ``k`` with the others fixed, and its rank; closing the gate included."""
     closed = [*thresholds[:k], math.inf, *thresholds[k + 1 :]]
-    closed_rank = _rank_of(table, closed, kind, bound)
+    closed_rank = _rank_of(table, closed, goal)
     n = table.scores.shape[1]
     idx = torch.arange(n)
     exits_before = table.exits(tuple(thresholds[:k] + [math.inf] * (table.num_gates - k)))
@@ -136,25 +180,24 @@ def _best_for_gate(table: ExitTable, thresholds: list[float], k: int, kind: str,
         [t != math.inf for t in closed[:k]] + [True] + [t != math.inf for t in closed[k + 1 :]]
     )
     rest_exit = table.exits(tuple(closed))[reach]  # where each reaching sample ends if it passes gate k
-    fixed_correct = table.correct[exits_before[~reach], idx[~reach]].double().sum()
-    fixed_flops = costs[exits_before[~reach]].sum()  # earlier exits do not depend on gate k
-
     order = torch.argsort(table.scores[k, reach], descending=True)
     s = table.scores[k, reach][order]
-    gate_correct = table.correct[k, reach][order].double()
-    pass_correct = table.correct[rest_exit, idx[reach]][order].double()
-    pass_flops = costs[rest_exit][order]
     zero = torch.zeros(1, dtype=torch.float64)
-    # j = number of reaching samples (the j highest scores) that exit at gate k
-    correct = fixed_correct + torch.cat([zero, gate_correct.cumsum(0)]) + pass_correct.sum()
-    correct -= torch.cat([zero, pass_correct.cumsum(0)])
-    flops = fixed_flops + torch.arange(len(s) + 1, dtype=torch.float64) * costs[k] + pass_flops.sum()
-    flops -= torch.cat([zero, pass_flops.cumsum(0)])
+
+    def totals(per_exit: torch.Tensor) -> torch.Tensor:
+        """Sum over samples of ``per_exit[exit, sample]`` when the j highest scores leave at gate k, for every j."""
+        fixed = per_exit[exits_before[~reach], idx[~reach]].double().sum()  # earlier exits do not depend on k
+        leave = per_exit[k, reach][order].double()
+        stay = per_exit[rest_exit, idx[reach]][order].double()
+        return fixed + torch.cat([zero, leave.cumsum(0)]) + stay.sum() - torch.cat([zero, stay.cumsum(0)])
+
+    per_exit_flops = costs.unsqueeze(1).expand(-1, n)
     # a threshold splits only between distinct scores; j = 0 (open, nobody exits) never beats closed
     valid = torch.zeros(len(s) + 1, dtype=torch.bool)
     valid[1:-1] = s[:-1] > s[1:]
     valid[-1] = True
-    ranks = _rank(kind, bound, correct, flops).masked_fill(~valid, math.inf)
+    ranks = goal.rank(totals(table.correct), totals(goal.changed), totals(per_exit_flops))
+    ranks = ranks.masked_fill(~valid, math.inf)
     best = int(torch.argmin(ranks))
     if ranks[best].item() >= closed_rank:
         return math.inf, closed_rank
@@ -162,21 +205,22 @@ def _best_for_gate(table: ExitTable, thresholds: list[float], k: int, kind: str,
     return threshold, ranks[best].item()
 
 
-def _rank_of(table: ExitTable, thresholds: list[float], kind: str, bound: float) -> float:
-    exits = table.exits(tuple(thresholds))
-    correct = table.correct.gather(0, exits.unsqueeze(0)).double().sum()
+def _rank_of(table: ExitTable, thresholds: list[float], goal: _Goal) -> float:
+    exits = table.exits(tuple(thresholds)).unsqueeze(0)
+    correct = table.correct.gather(0, exits).double().sum()
+    changed = goal.changed.gather(0, exits).double().sum()
     flops = table.costs.exit_costs([t != math.inf for t in thresholds])[exits].sum()
-    return _rank(kind, bound, correct.reshape(1), flops.reshape(1)).item()
+    return goal.rank(correct.reshape(1), changed.reshape(1), flops.reshape(1)).item()
 
 
-def _descend(table: ExitTable, thresholds: list[float], kind: str, bound: float, max_rounds: int) -> list[float]:
+def _descend(table: ExitTable, thresholds: list[float], goal: _Goal, max_rounds: int) -> list[float]:
     """Coordinate descent: re-optimise one gate at a time until no single move improves the rank."""
     thresholds = list(thresholds)
-    current = _rank_of(table, thresholds, kind, bound)
+    current = _rank_of(table, thresholds, goal)
     for _ in range(max_rounds):
         improved = False
         for k in range(table.num_gates):
-            candidate, rank = _best_for_gate(table, thresholds, k, kind, bound)
+            candidate, rank = _best_for_gate(table, thresholds, k, goal)
             if rank < current - 1e-9:
                 thresholds[k], current, improved = candidate, rank, True
         if not improved:
@@ -206,18 +250,15 @@ def search_thresholds(
     """
     if method not in SEARCHES:
         raise ValueError(f"unknown search {method!r}; expected one of {SEARCHES}")
-    kind, bound = _goal(target, table.plain_accuracy, table.scores.shape[1])
+    goal = _goal(table, target)
     sequential = [math.inf] * table.num_gates
     for k in range(table.num_gates):  # the paper's pass: gate by gate, later gates closed
-        sequential[k], _ = _best_for_gate(table, sequential, k, kind, bound)
+        sequential[k], _ = _best_for_gate(table, sequential, k, goal)
     if method == "sequential":
         return tuple(sequential)
-    starts = [sequential]
-    for i in range(prices):
-        price = table.costs.backbone * 10 ** (-3 + 5 * i / max(1, prices - 1))
-        starts.append(_descend(table, [math.inf] * table.num_gates, "price", price, max_rounds))
-    finals = [_descend(table, start, kind, bound, max_rounds) for start in starts]
-    return tuple(min(finals, key=lambda t: _rank_of(table, t, kind, bound)))
+    starts = [sequential, *_price_optima(table, prices, max_rounds)]
+    finals = [_descend(table, start, goal, max_rounds) for start in starts]
+    return tuple(min(finals, key=lambda t: _rank_of(table, t, goal)))
 
 
 def validation_cache(model: GatedModel, data: object, progress: bool = True) -> FeatureCache:
@@ -241,6 +282,7 @@ def calibrate(
     max_drop: float | None = None,
     min_accuracy: float | None = None,
     max_gflops: float | None = None,
+    confidence: float | None = None,
     name: str | None = None,
     method: str = "coordinate",
     exit_score: str | None = None,
@@ -251,8 +293,12 @@ def calibrate(
     Give one target: ``max_drop`` (fraction below the plain model's validation accuracy,
     ``0.005`` = half a point), ``min_accuracy`` (fraction) or ``max_gflops`` (average per
     image, gates included). The result is stored on the model as a named :class:`Profile`.
+
+    ``confidence`` (e.g. ``0.9``) makes an accuracy target hold for the validation estimate's
+    lower confidence bound rather than for the estimate itself: validation accuracy is itself
+    a sample, and without a margin half of all profiles land below their target on new data.
     """
-    target = Target(min_accuracy=min_accuracy, max_drop=max_drop, max_gflops=max_gflops)
+    target = Target(min_accuracy=min_accuracy, max_drop=max_drop, max_gflops=max_gflops, confidence=confidence)
     cache = validation_cache(model, data)
     score = exit_score or model.exit_score
     table = ExitTable.from_cache(model, cache, score)
@@ -280,10 +326,7 @@ def tradeoff_curve(table: ExitTable, points: int = 24, max_rounds: int = 10) -> 
     Found by a sweep of FLOPs-per-correct-answer prices; evaluate them on another split's
     table to draw an honest curve.
     """
-    found = {tuple([math.inf] * table.num_gates)}
-    for i in range(points):
-        price = table.costs.backbone * 10 ** (-3 + 5 * i / max(1, points - 1))
-        found.add(tuple(_descend(table, [math.inf] * table.num_gates, "price", price, max_rounds)))
+    found = {tuple([math.inf] * table.num_gates)} | {tuple(t) for t in _price_optima(table, points, max_rounds)}
     scored = sorted(found, key=lambda t: (table.evaluate(t)[1], -table.evaluate(t)[0]))
     front: list[tuple[float, ...]] = []
     best = -1.0
