@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import timm_dgate
-from timm_dgate.demo.pipeline import DROPS, DemoConfig, run_demo
+from timm_dgate.demo.pipeline import DROPS, DemoConfig, accuracy_at, run_demo
 
 
 def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
@@ -14,7 +16,7 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     results = run_demo(cfg)
     printed = capsys.readouterr().out
     assert "Backbone: training" in printed and "| profile | thresholds | test accuracy" in printed
-    for name in ("tradeoff.png", "exits_per_class.png", "results.json", "backbone/model.safetensors"):
+    for name in ("tradeoff.png", "exits_per_class.png", "results.json", "report.md", "backbone/model.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     hinge = results["reports"]["hinge"]
     assert hinge["split"] == "test" and hinge["num_images"] == 400
@@ -30,3 +32,9 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     again = run_demo(cfg)
     assert "trained earlier from" in capsys.readouterr().out
     assert again["reports"]["hinge"]["plain_accuracy"] == hinge["plain_accuracy"]  # the whole backbone came back
+
+
+def test_curves_compare_at_equal_compute_by_interpolation():
+    curve = [(0.80, 1.0), (0.90, 2.0), (0.92, 4.0)]
+    assert accuracy_at(curve, 1.5) == pytest.approx(0.85) and accuracy_at(curve, 4.0) == 0.92
+    assert accuracy_at(curve, 0.5) is None and accuracy_at(curve, 4.5) is None  # never extrapolated

@@ -6,7 +6,9 @@ in the final table comes from the 10,000-image test split, which chose nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from timm_dgate.calibrate import ExitTable, calibrate, tradeoff_curve
 from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, format_table
 from timm_dgate.fit import fit
 
-from .backbone import accuracy, cached_backbone
+from .backbone import cached_backbone
 from .data import CLASSES, TensorBatches, load_splits
 
 # profile name -> allowed drop from the plain model's validation accuracy
@@ -85,6 +87,25 @@ def _plot_exits(result, gate_names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def accuracy_at(points: list[tuple[float, float]], gflops: float) -> float | None:
+    """Test accuracy of a trade-off curve at ``gflops``, linearly interpolated; None outside it."""
+    for (acc_a, g_a), (acc_b, g_b) in itertools.pairwise(points):
+        if g_a <= gflops <= g_b:
+            return acc_a if g_b == g_a else acc_a + (acc_b - acc_a) * (gflops - g_a) / (g_b - g_a)
+    return None
+
+
+def format_equal_flops(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, float]) -> str:
+    """Markdown: every curve's test accuracy at the same average compute (shares of the plain model's)."""
+    shares = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+    header = "| gates | " + " | ".join(f"{100 * s:.0f}% FLOPs" for s in shares) + " |"
+    lines = [header, "|---" * (len(shares) + 1) + "|"]
+    for label, points in curves.items():
+        cells = [accuracy_at(points, s * plain[1]) for s in shares]
+        lines.append(f"| {label} | " + " | ".join("-" if a is None else f"{100 * a:.2f}%" for a in cells) + " |")
+    return "\n".join(lines) + f"\n\n(plain model: {100 * plain[0]:.2f}% at {plain[1]:.4f} GFLOPs)"
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; print the tables and write results, plots and the Hub folder to ``cfg.output``."""
     started = time.perf_counter()
@@ -98,7 +119,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         cfg.model, splits.train, out / "backbone",
         epochs=cfg.backbone_epochs, input_size=cfg.input_size, seed=cfg.seed, retrain=cfg.retrain,
     )
-    print(f"  plain test accuracy {100 * accuracy(backbone, splits.test, cfg.input_size):.2f}%")
 
     input_size = (1, cfg.input_size, cfg.input_size)
     loaders = {name: TensorBatches(getattr(splits, name), cfg.input_size) for name in ("train", "val", "test")}
@@ -120,28 +140,37 @@ def run_demo(cfg: DemoConfig) -> dict:
             for label, drop in DROPS.items():
                 calibrate(model, caches["val"], max_drop=drop, exit_score=score, name=f"{loss}/{score} {label}")
 
+    sections: list[str] = []
+
+    def section(title: str, body: str) -> None:
+        sections.append(f"## {title}\n\n{body}\n")
+        print(f"\n{title}:\n\n{body}")
+
     reports: dict[str, EvalReport] = {}
     for loss, model in gated.items():
         reports[loss] = evaluate(
             model, loaders["test"], split="test", timing_images=cfg.timing_images, repeats=cfg.timing_repeats
         )
-        print(f"\n{loss} gates on the test split ({reports[loss].num_images} images):\n")
-        print(format_table(reports[loss]))
+        section(f"{loss} gates on the test split ({reports[loss].num_images} images)", format_table(reports[loss]))
 
     gate_names = [b.name for b in first.boundaries]
     hinge_iso = reports["hinge"].profiles[0]
-    print(f"\nExits per class, {hinge_iso.name} (share of each class's test images):\n")
-    print(format_exits_per_class(hinge_iso, CLASSES, gate_names))
+    section(f"Exits per class, {hinge_iso.name} (share of each class's test images)",
+            format_exits_per_class(hinge_iso, CLASSES, gate_names))
 
     curves = {}
     for loss, model in gated.items():
         for score in GATE_KINDS[loss]:
             val_table = ExitTable.from_cache(model, caches["val"], score)
             test_table = ExitTable.from_cache(model, caches["test"], score)
-            curves[f"{loss} gates ({score})"] = [
-                test_table.evaluate(t)[:2] for t in tradeoff_curve(val_table)
-            ]
+            closed = (math.inf,) * model.num_gates  # the plain model is the curve's costliest point
+            thresholds = {*tradeoff_curve(val_table), closed}
+            curves[f"{loss} gates ({score})"] = sorted(
+                (test_table.evaluate(t)[:2] for t in thresholds), key=lambda point: point[1]
+            )
     plain_point = (reports["hinge"].plain_accuracy, reports["hinge"].plain_gflops)
+    section("Test accuracy at equal compute (each curve's thresholds chosen on validation)",
+            format_equal_flops(curves, plain_point))
     _plot(curves, plain_point, out / "tradeoff.png")
     _plot_exits(hinge_iso, gate_names, out / "exits_per_class.png")
 
@@ -153,8 +182,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "curves": curves,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "report.md").write_text("\n".join(sections))
     hub = gated["hinge"].save_pretrained(out / "hub", tradeoff_plot=out / "tradeoff.png")
-    print(f"\nPlots: {out / 'tradeoff.png'}, {out / 'exits_per_class.png'}; numbers: {out / 'results.json'}")
+    print(f"\nPlots: {out / 'tradeoff.png'}, {out / 'exits_per_class.png'}; "
+          f"tables: {out / 'report.md'}; numbers: {out / 'results.json'}")
     print(f"Hinge-gated model with its profiles: {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
     print(f"Demo finished in {results['seconds']:.0f}s")
     return results
