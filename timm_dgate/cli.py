@@ -24,6 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
             limit=args.limit,
             val_size=args.val_size,
             seed=args.seed,
+            confidence=args.confidence,
             retrain=args.retrain,
         )
     )
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
     demo.add_argument("--val-size", type=int, default=5000, help="validation images carved from train")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--confidence", type=float, default=0.9,
+                      help="accuracy targets must hold for this lower confidence bound on validation (0.5: none)")
     demo.add_argument("--retrain", action="store_true", help="train the backbone even if one is cached")
     demo.set_defaults(func=_demo)
 

@@ -41,6 +41,7 @@ class DemoConfig:
     val_size: int = 5000
     seed: int = 0
     retrain: bool = False
+    confidence: float = 0.9
     timing_images: int = 2048
     timing_repeats: int = 3
 
@@ -138,7 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
               + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
         for score in GATE_KINDS[loss]:
             for label, drop in DROPS.items():
-                calibrate(model, caches["val"], max_drop=drop, exit_score=score, name=f"{loss}/{score} {label}")
+                calibrate(model, caches["val"], max_drop=drop, confidence=cfg.confidence, exit_score=score,
+                          name=f"{loss}/{score} {label}")
 
     sections: list[str] = []
 
