@@ -1,0 +1,266 @@
+"""Accuracy vs FLOPs of early-exit methods on Fashion-MNIST, at equal backbone, thresholds chosen on validation.
+
+Per model: the plain timm backbone (trained here, ``benchmarks/backbones.py``); hinge
+d-gates (the paper); cross-entropy gates with max-softmax (SDN) and entropy (BranchyNet)
+exits; earlyon 0.3.0 on the same weights (ResNets only, ``earlyon_adapter.py``); and smaller
+static timm models of the same family. Every threshold is chosen on the 5,000-image
+validation split carved from train (as the demo); every reported number is on the
+10,000-image test split. Also measures what fitting costs (``fit_cost.py``) against one
+plain inference pass over the training set. Wall-clock is ``speed.py``'s job; the document
+is ``report.py``'s.
+
+    .venv/bin/python benchmarks/compare.py --models resnet18 resnet50 convnext_atto
+    .venv/bin/python benchmarks/compare.py --models resnet18 --quick      # smoke run on small slices
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import earlyon_adapter
+import methods
+import torch
+from backbones import DEFAULT_EPOCHS, EPOCHS, backbone_folder, load_backbone
+from torch.utils.data import TensorDataset
+
+from timm_dgate import FeatureCache, cache_features, wrap
+from timm_dgate.calibrate import ExitTable
+from timm_dgate.demo.backbone import accuracy
+from timm_dgate.demo.data import TensorBatches, load_splits
+from timm_dgate.demo.pipeline import DROPS
+from timm_dgate.flops import count_flops
+
+STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18"], "convnext_atto": ["convnext_zepto_rms"]}
+EARLYON_EPOCHS = {"resnet50": 1}  # its stage 2 runs the backbone every step: the dominant cost here
+EARLYON_SWEEP = (0.0, 0.0025, 0.03, 0.05, 0.1, 0.2)  # extra budgets, with DROPS, for its curve
+
+
+def sliced(data: TensorDataset, limit: int | None) -> TensorDataset:
+    images, labels = data.tensors
+    return TensorDataset(images[:limit], labels[:limit]) if limit else data
+
+
+@contextmanager
+def timed(into: dict, key: str):
+    start = time.perf_counter()
+    yield
+    into[key] = time.perf_counter() - start
+    print(f"  {key}: {into[key]:.1f}s", flush=True)
+
+
+@torch.inference_mode()
+def plain_pass_seconds(model: torch.nn.Module, data: TensorDataset, images: int) -> float:
+    """Seconds per image of the plain model over the first ``images`` training images (batches of 256)."""
+    subset = sliced(data, images)
+    start = time.perf_counter()
+    for x, _ in TensorBatches(subset):
+        model(x)
+    return (time.perf_counter() - start) / len(subset.tensors[1])
+
+
+def accuracy_of(cache: FeatureCache) -> float:
+    return (cache.logits.argmax(1) == cache.labels).double().mean().item()
+
+
+def fit_in_child(name: str, cache_path: Path, loss: str, out: Path, epochs: int) -> dict:
+    """Run ``fit_cost.py`` in a fresh process (clean maxrss) with this process's thread count; returns its JSON."""
+    script = Path(__file__).with_name("fit_cost.py")
+    command = [sys.executable, str(script), "--model", name, "--cache", str(cache_path), "--loss", loss,
+               "--out", str(out), "--epochs", str(epochs)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def earlyon_val_pass_once():
+    """earlyon's calibrator re-runs the network over the validation loader on every call; its heads
+    and backbone are frozen by then, so the logits are the same each time: run that pass once."""
+    import earlyon.core.thresholds as thresholds
+
+    original, memo = thresholds.collect_head_logits, {}
+
+    def collect(model, loader, device):
+        key = (id(model), id(loader))
+        if key not in memo:
+            memo[key] = original(model, loader, device)
+        return memo[key]
+
+    thresholds.collect_head_logits = collect
+    try:
+        yield
+    finally:
+        thresholds.collect_head_logits = original
+
+
+def run_earlyon(name: str, backbone: torch.nn.Module, loaders: dict, input_size: tuple, epochs: int,
+                out: Path, result: dict) -> None:
+    """Its exit-head training, its calibration per target on val, scored on test with our FLOPs count."""
+    wrapper = earlyon_adapter.build(backbone, name, input_size)
+    result["earlyon_epochs"] = epochs
+    result["earlyon_train_s"] = earlyon_adapter.train_heads(wrapper, loaders["train_128"], epochs)
+    costs = earlyon_adapter.costs(wrapper, input_size)
+    result["earlyon_costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}
+    result["earlyon_layers"] = [ep.layer_name for ep in wrapper.config.exit_points]
+    result["earlyon_own_estimate"] = {
+        "fractions": wrapper.flops_estimate.fractions, "method": wrapper.flops_estimate.method,
+        "reliable": wrapper.flops_estimate.reliable,
+    }
+    test_logits = earlyon_adapter.collect(wrapper, loaders["test"])
+    policies = {}
+    with earlyon_val_pass_once():
+        for label, drop in {**DROPS, **{f"{100 * d:g}pt" : d for d in EARLYON_SWEEP}}.items():
+            policy = earlyon_adapter.calibrate(wrapper, loaders["val"], drop)
+            accuracy, gflops, fractions = earlyon_adapter.score(wrapper, test_logits, costs, policy)
+            policies[label] = {**policy, "drop": drop, "accuracy": accuracy, "gflops": gflops,
+                               "exit_fractions": fractions}
+    result["earlyon"] = policies
+    torch.save({"heads": wrapper.exit_heads.state_dict(), "policies": policies}, out / "earlyon.pt")
+
+
+def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
+    print(f"== {name}", flush=True)
+    full = load_splits()
+    backbone = load_backbone(name, full.train)
+    splits = {key: sliced(getattr(full, key), args.limit) for key in ("train", "val", "test")}
+    input_size = (1, args.input_size, args.input_size)
+    out = out_root / name
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"model": name, "backbone_epochs": EPOCHS.get(name, DEFAULT_EPOCHS),
+                    "sizes": {k: len(v.tensors[1]) for k, v in splits.items()}, "seconds": {}}
+    seconds = result["seconds"]
+    loaders = {key: TensorBatches(data, args.input_size) for key, data in splits.items()}
+    loaders["train_128"] = TensorBatches(splits["train"], args.input_size, batch_size=128)
+    plain = copy.deepcopy(backbone)  # no hooks: the reference for timing and the plain pass
+    gated = {loss: wrap(backbone, input_size=input_size) for loss in ("hinge", "ce")}
+    costs = gated["hinge"].costs
+    result["gates"] = [b.name for b in gated["hinge"].boundaries]
+    result["costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}
+
+    seconds["plain_pass_per_image"] = plain_pass_seconds(plain, splits["train"], args.plain_pass_images)
+    seconds["plain_pass_train"] = seconds["plain_pass_per_image"] * len(splits["train"].tensors[1])
+    print(f"  plain pass over train (from {args.plain_pass_images} images): {seconds['plain_pass_train']:.1f}s")
+    with timed(seconds, "cache_train"):
+        train = cache_features(gated["hinge"], loaders["train"], split="train", progress=False)
+    caches = {"val": cache_features(gated["hinge"], loaders["val"], split="validation", progress=False),
+              "test": cache_features(gated["hinge"], loaders["test"], split="test", progress=False)}
+    result["plain"] = {"val_accuracy": accuracy_of(caches["val"]), "accuracy": accuracy_of(caches["test"]),
+                       "gflops": costs.backbone / 1e9}
+    cache_path = out / "train_cache.safetensors"
+    train.save(cache_path)
+    del train
+
+    result["fit"] = {}
+    for loss, model in gated.items():
+        gates_path = out / f"{loss}_gates.pt"
+        result["fit"][loss] = fit_in_child(name, cache_path, loss, gates_path, args.gate_epochs)
+        model.gates.load_state_dict(torch.load(gates_path))
+        model.freeze_backbone()
+        model.exit_score, model.gate_loss = ("margin", "hinge") if loss == "hinge" else ("softmax", "ce")
+        print(f"  fitted {loss} gates in {result['fit'][loss]['fit_s']:.1f}s", flush=True)
+    cache_path.unlink()
+
+    result["methods"] = {}
+    for method, (loss, score) in methods.METHODS.items():
+        model = gated[loss]
+        points = methods.fixed_points(model, score, caches["val"], caches["test"])
+        result["methods"][method] = {
+            "loss": loss, "score": score, "points": [p.to_dict() for p in points],
+            "curve": methods.curve(model, score, caches["val"], caches["test"]),
+        }
+    result["engine_check"] = check_engine(gated["hinge"], caches["test"], loaders["test"], args.check_images)
+    for loss, model in gated.items():
+        model.save_pretrained(out / f"{loss}_gated", include_backbone=True)
+
+    result["static"] = {}
+    for small in STATIC.get(name, []):
+        if args.quick and not (backbone_folder(small) / "model.safetensors").exists():
+            print(f"  quick run: {small} is not trained yet, skipped")
+            continue
+        static = load_backbone(small, full.train)
+        result["static"][small] = {
+            "accuracy": accuracy(static, splits["test"], args.input_size),
+            "val_accuracy": accuracy(static, splits["val"], args.input_size),
+            "gflops": count_flops(static, torch.zeros(1, *input_size)) / 1e9,
+            "backbone_epochs": EPOCHS.get(small, DEFAULT_EPOCHS),
+        }
+
+    if name in earlyon_adapter.SUPPORTED and not args.no_earlyon:
+        if not earlyon_adapter.available():
+            raise SystemExit(earlyon_adapter.INSTALL)
+        epochs = args.earlyon_epochs or EARLYON_EPOCHS.get(name, 2)
+        run_earlyon(name, backbone, loaders, input_size, epochs, out, result)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"  wrote {out / 'results.json'}", flush=True)
+    return result
+
+
+@torch.inference_mode()
+def check_engine(model, test: FeatureCache, loader: TensorBatches, images: int) -> dict:
+    """The real early-exit forward on the first test images agrees with the cache-based scoring."""
+    model.eval()
+    profile = model.profiles["margin -0.5pt"]
+    model.use_profile(profile.name)
+    table = ExitTable.from_cache(model, test, "margin")
+    expected = table.exits(profile.thresholds)[:images]
+    got, predictions = [], []
+    for x, _ in loader:
+        out = model(x, return_exits=True)
+        got.append(out.exits)
+        predictions.append(out.logits.argmax(1))
+        if sum(len(g) for g in got) >= images:
+            break
+    got = torch.cat(got)[:images]
+    cached = torch.stack([m.argmax(1) for m in test.margins(model.gates)] + [test.logits.argmax(1)])
+    cached_pred = cached[:, :images].gather(0, expected.unsqueeze(0).long())[0]
+    model.close_gates()
+    return {
+        "images": len(got), "profile": profile.name,
+        "same_exit": (got.cpu() == expected).double().mean().item(),
+        "same_prediction": (torch.cat(predictions)[:images].cpu() == cached_pred).double().mean().item(),
+    }
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_atto"])
+    parser.add_argument("--out", type=Path, default=None, help="default runs/bench (quick: runs/bench-quick)")
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="images per split (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="--limit 512, 30 gate epochs, 1 earlyon epoch")
+    parser.add_argument("--gate-epochs", type=int, default=300)
+    parser.add_argument("--earlyon-epochs", type=int, default=None)
+    parser.add_argument("--no-earlyon", action="store_true")
+    parser.add_argument("--plain-pass-images", type=int, default=8192,
+                        help="training images timed for the plain-pass reference (scaled to the split)")
+    parser.add_argument("--check-images", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a busy machine)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit = args.limit or 512
+        args.gate_epochs, args.earlyon_epochs = 30, args.earlyon_epochs or 1
+        args.plain_pass_images = min(args.plain_pass_images, args.limit)
+    args.out = args.out or Path("runs/bench-quick" if args.quick else "runs/bench")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    for name in args.models:
+        run_model(name, args, args.out)
+    print(f"compare.py finished in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Fit one kind of gates on a saved training-feature cache, in a process of its own, and report its cost.
+
+Why a separate process: peak memory is read from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``,
+a high-water mark of the whole process, so the fit must not share a process with the
+backbone passes that came before it. The peak added by fitting is the maxrss after the fit
+minus the maxrss once the backbone and the cache are loaded (tracemalloc would miss torch's
+allocations, which bypass Python's allocator). Writes the fitted gates for ``compare.py``.
+
+    .venv/bin/python benchmarks/fit_cost.py --model resnet18 --cache runs/bench/resnet18/train_cache.safetensors \
+        --loss hinge --out runs/bench/resnet18/hinge_gates.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from backbones import ROOT, backbone_folder
+
+from timm_dgate import fit, wrap
+from timm_dgate.cache import FeatureCache
+
+
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--loss", choices=("hinge", "ce"), required=True)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    import timm
+
+    backbone = timm.create_model(f"local-dir:{backbone_folder(args.model, ROOT)}", pretrained=True).eval()
+    gated = wrap(backbone, input_size=(1, args.input_size, args.input_size))
+    cache = FeatureCache.load(args.cache)
+    before = maxrss_mib()
+    start = time.perf_counter()
+    report = fit(gated, cache, loss=args.loss, epochs=args.epochs, progress=False)
+    seconds = time.perf_counter() - start
+    peak = maxrss_mib()
+    torch.save(gated.gates.state_dict(), args.out)
+    cache_mib = sum(f.numel() * f.element_size() for f in cache.features) / 2**20
+    print(json.dumps({
+        "loss": args.loss, "epochs": args.epochs, "fit_s": seconds, "threads": torch.get_num_threads(),
+        "maxrss_before_mib": before, "maxrss_after_mib": peak, "fit_peak_delta_mib": peak - before,
+        "cache_features_mib": cache_mib, "train_accuracy": report.train_accuracy,
+    }))
+
+
+if __name__ == "__main__":
+    main()
