@@ -1,7 +1,9 @@
 """The fit recipe and the CLI, run as users run them: on real Fashion-MNIST images with a tiny timm model.
 
-No network: backbones are random ``test_resnet`` weights written to a checkpoint file that
-the recipe loads with ``--initial-checkpoint``, as a user's own trained model would be.
+The two-process ``accelerate launch`` runs of recipes/fit.py are those of docs/recipes.md,
+checked in tests/test_recipe_docs.py (one launch costs ~20 s here). No network: backbones
+are random ``test_resnet`` weights written to a checkpoint file that the recipe loads with
+``--initial-checkpoint``, as a user's own trained model would be.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from PIL import Image
 
 import timm_dgate
 from timm_dgate import cli, recipe
-from timm_dgate.demo.data import default_root, load_splits
-
-from .test_accelerate import _env, _free_port
+from timm_dgate.demo.data import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "test_resnet", "--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
@@ -60,35 +60,6 @@ def fitted(tmp_path_factory, image_folder, checkpoint) -> Path:
             "--output", str(out), *FAST]
     assert cli.main(argv) == 0
     return out
-
-
-def test_two_process_recipe_on_fashion_mnist(tmp_path, checkpoint):
-    """accelerate launch, 2 CPU ranks: each caches its shard, the main rank calibrates, evaluates and saves once."""
-    load_splits(val_size=10, limit=10)  # unpacks Debian's Fashion-MNIST files into default_root() if needed
-    out = tmp_path / "out"
-    launcher = Path(sys.executable).with_name("accelerate")
-    done = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "recipes/fit.py"),
-         *MODEL, "--initial-checkpoint", str(checkpoint), "--dataset", "torch/fashion_mnist",
-         "--data-dir", str(default_root()), "--test-split", "test", "--limit", "300",
-         "--max-drop", "0", "1", "--max-gflops", "0.007", "--output", str(out), *FAST],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("wrote ") == 1  # only the main process writes
-    gated = timm_dgate.from_pretrained(out / "hub")
-    assert list(gated.profiles) == ["drop-0pt", "drop-1pt", "gflops-0.007"]
-    assert gated.active_profile == "drop-0pt"
-    for profile in gated.profiles.values():
-        assert len(profile.thresholds) == gated.num_gates == 3
-        assert profile.split == "validation" and profile.val_accuracy is not None and profile.val_gflops is not None
-        assert profile.test["split"] == "test" and 0 <= profile.test["accuracy"] <= 1
-    results = json.loads((out / "results.json").read_text())
-    assert results["fit"]["num_processes"] == 2 and results["fit"]["num_samples"] == 300  # each image once
-    assert results["data"]["validation"]["source"].startswith("0.1 of 'train' held out")
-    assert len(list((out / "cache").glob("train-*-rank[01]of2.safetensors"))) == 2
-    assert (out / "tradeoff.png").stat().st_size > 0 and "test accuracy" in (out / "results.md").read_text()
 
 
 def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, image_folder, checkpoint, monkeypatch,
