@@ -3,7 +3,9 @@
 Why a script of its own: training is the slow part (minutes per epoch on 2 cores), is shared
 by every method compared, and must happen before any timing run. Each model lands in
 ``runs/backbones/<model>`` through :func:`timm_dgate.demo.backbone.cached_backbone`, so a
-rerun loads it instead of training again.
+rerun loads it instead of training again. Each model's plain validation and test accuracy
+and FLOPs go to ``runs/bench/plain/<model>.json``: that is all the comparison needs of the
+smaller static models (``STATIC``).
 
     .venv/bin/python benchmarks/backbones.py --models resnet18 resnet50 convnext_atto resnet10t convnext_zepto_rms
 """
@@ -11,19 +13,25 @@ rerun loads it instead of training again.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from timm_dgate.demo.backbone import cached_backbone
+from timm_dgate.demo.backbone import accuracy, cached_backbone
+from timm_dgate.flops import count_flops
 
 ROOT = Path("runs/backbones")
+RECORDS = Path("runs/bench/plain")
 # short runs of the demo's recipe (a shared 2-core CPU). resnet18 is the demo's own (3 epochs; its cache may be
 # copied from runs/demo/backbone); resnet50 trains ~2.5x slower, so one epoch
 EPOCHS = {"resnet18": 3, "resnet50": 1}
 DEFAULT_EPOCHS = 2
+# gated model -> smaller static models of the same family it should beat
+STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
 
 
 def backbone_folder(name: str, root: Path = ROOT) -> Path:
@@ -36,6 +44,17 @@ def load_backbone(name: str, train: TensorDataset, root: Path = ROOT, epochs: in
     return cached_backbone(name, train, backbone_folder(name, root), epochs=epochs).eval()
 
 
+def record(name: str, model: nn.Module, val: TensorDataset, test: TensorDataset, input_size: int = 32) -> dict:
+    """Plain accuracy on both splits and FLOPs per image (FlopCounterMode, as the gated models)."""
+    return {
+        "model": name,
+        "epochs": EPOCHS.get(name, DEFAULT_EPOCHS),
+        "val_accuracy": accuracy(model, val, input_size),
+        "accuracy": accuracy(model, test, input_size),
+        "gflops": count_flops(model, torch.zeros(1, 1, input_size, input_size)) / 1e9,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     from timm_dgate.demo.data import load_splits
 
@@ -44,10 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
     splits = load_splits()
+    RECORDS.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         start = time.perf_counter()
-        load_backbone(name, splits.train, args.root)
+        model = load_backbone(name, splits.train, args.root)
         print(f"{name}: ready in {time.perf_counter() - start:.0f}s", flush=True)
+        entry = record(name, model, splits.val, splits.test)
+        (RECORDS / f"{name}.json").write_text(json.dumps(entry, indent=1))
+        print(f"  {entry}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Per model: the plain timm backbone (trained here, ``benchmarks/backbones.py``); hinge
 d-gates (the paper); cross-entropy gates with max-softmax (SDN) and entropy (BranchyNet)
-exits; earlyon 0.3.0 on the same weights (ResNets only, ``earlyon_adapter.py``); and smaller
-static timm models of the same family. Every threshold is chosen on the 5,000-image
-validation split carved from train (as the demo); every reported number is on the
-10,000-image test split. Also measures what fitting costs (``fit_cost.py``) against one
+exits; earlyon 0.3.0 on the same weights (ResNets only, ``earlyon_adapter.py``). Smaller
+static timm models of the same family are measured by ``backbones.py``. Every threshold is
+chosen on the 5,000-image validation split carved from train (as the demo); every reported
+number is on the 10,000-image test split. Also measures what fitting costs (``fit_cost.py``) against one
 plain inference pass over the training set. Wall-clock is ``speed.py``'s job; the document
 is ``report.py``'s.
 
@@ -28,17 +28,14 @@ from pathlib import Path
 import earlyon_adapter
 import methods
 import torch
-from backbones import DEFAULT_EPOCHS, EPOCHS, backbone_folder, load_backbone
+from backbones import DEFAULT_EPOCHS, EPOCHS, load_backbone
 from torch.utils.data import TensorDataset
 
 from timm_dgate import FeatureCache, cache_features, wrap
 from timm_dgate.calibrate import ExitTable
-from timm_dgate.demo.backbone import accuracy
 from timm_dgate.demo.data import TensorBatches, load_splits
 from timm_dgate.demo.pipeline import DROPS
-from timm_dgate.flops import count_flops
 
-STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18"], "convnext_atto": ["convnext_zepto_rms"]}
 EARLYON_EPOCHS = {"resnet50": 1}  # its stage 2 runs the backbone every step: the dominant cost here
 EARLYON_SWEEP = (0.0, 0.0025, 0.03, 0.05, 0.1, 0.2)  # extra budgets, with DROPS, for its curve
 
@@ -179,19 +176,6 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     result["engine_check"] = check_engine(gated["hinge"], caches["test"], loaders["test"], args.check_images)
     for loss, model in gated.items():
         model.save_pretrained(out / f"{loss}_gated", include_backbone=True)
-
-    result["static"] = {}
-    for small in STATIC.get(name, []):
-        if args.quick and not (backbone_folder(small) / "model.safetensors").exists():
-            print(f"  quick run: {small} is not trained yet, skipped")
-            continue
-        static = load_backbone(small, full.train)
-        result["static"][small] = {
-            "accuracy": accuracy(static, splits["test"], args.input_size),
-            "val_accuracy": accuracy(static, splits["val"], args.input_size),
-            "gflops": count_flops(static, torch.zeros(1, *input_size)) / 1e9,
-            "backbone_epochs": EPOCHS.get(small, DEFAULT_EPOCHS),
-        }
 
     if name in earlyon_adapter.SUPPORTED and not args.no_earlyon:
         if not earlyon_adapter.available():
