@@ -7,6 +7,7 @@ that go on get exactly the plain model's logits and the exited ones their gate's
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import timm
@@ -70,15 +71,22 @@ def _thresholds_for_spread_exits(gated, x):
     return thresholds, exits, margins
 
 
+@contextmanager
+def thresholds_in_force(gated, thresholds):
+    """Open the gates for one test; the session-scoped model goes back to all gates closed."""
+    gated.set_thresholds(thresholds)
+    try:
+        yield
+    finally:
+        gated.close_gates()
+
+
 @torch.no_grad()
 def test_forced_exits_are_exact(family):
     gated, x, plain = family
     thresholds, expected_exits, margins = _thresholds_for_spread_exits(gated, x)
-    gated.set_thresholds(thresholds)
-    try:
+    with thresholds_in_force(gated, thresholds):
         result = gated(x, return_exits=True)
-    finally:
-        gated.close_gates()
     assert torch.equal(result.exits, expected_exits)
     assert (expected_exits < gated.num_gates).any() and (expected_exits == gated.num_gates).any()
     for i, k in enumerate(expected_exits.tolist()):
@@ -90,12 +98,9 @@ def test_forced_exits_are_exact(family):
 def test_shuffling_the_batch_permutes_the_outputs(family):
     gated, x, _ = family
     thresholds, _, _ = _thresholds_for_spread_exits(gated, x)
-    gated.set_thresholds(thresholds)
-    try:
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))
+    with thresholds_in_force(gated, thresholds):
         base, shuffled = gated(x, return_exits=True), gated(x[perm], return_exits=True)
-    finally:
-        gated.close_gates()
     assert torch.equal(shuffled.exits, base.exits[perm])
     assert close(shuffled.logits, base.logits[perm])
 
