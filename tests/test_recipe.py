@@ -76,7 +76,10 @@ def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, imag
         raise AssertionError("the backbone ran although every split was cached")
 
     monkeypatch.setattr(recipe, "cache_features", no_backbone)
-    assert recipe.main([*argv, "--gate-loss", "ce", "--max-drop", "1"]) == 0
+    pushed = {}
+    monkeypatch.setattr(timm_dgate.GatedModel, "push_to_hub", lambda self, repo, **kw: pushed.update(kw, repo=repo))
+    assert recipe.main([*argv, "--gate-loss", "ce", "--max-drop", "1", "--push-to-hub", "org/ce-gates"]) == 0
+    assert pushed["repo"] == "org/ce-gates" and pushed["tradeoff_plot"] == tmp_path / "tradeoff.png"
     assert capsys.readouterr().out.count("reusing cached") == 2  # train and validation
     gated = timm_dgate.from_pretrained(tmp_path / "hub")
     assert list(gated.profiles) == ["drop-1pt"] and gated.exit_score == "softmax"

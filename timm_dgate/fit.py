@@ -208,7 +208,7 @@ def fit(
     trainer.fold_into(model.gates)
     model.exit_score = DEFAULT_EXIT_SCORE[loss]
     model.gate_loss = loss
-    accuracy = _train_accuracy(model, data) if isinstance(data, FeatureCache) else []
+    accuracy = _train_accuracy(model, data, reducer, device) if isinstance(data, FeatureCache) else []
     return FitReport(loss, epochs, total, reducer.num_processes, accuracy, last)
 
 
@@ -222,9 +222,12 @@ def _pooled_batches(model: GatedModel, loader: Iterable, limit: int | None = Non
         yield pooled, labels
 
 
-def _train_accuracy(model: GatedModel, cache: FeatureCache) -> list[float]:
-    margins = cache.margins(model.gates)
-    return [(m.argmax(1) == cache.labels).float().mean().item() for m in margins]
+def _train_accuracy(model: GatedModel, cache: FeatureCache, reducer: _Reducer, device: torch.device) -> list[float]:
+    """Each gate's accuracy on the whole training set: correct counts summed over every process's shard."""
+    correct = [(m.argmax(1) == cache.labels).sum() for m in cache.margins(model.gates)]
+    counts = torch.tensor([*correct, len(cache)], dtype=torch.float64, device=device)
+    counts = reducer.sum(counts)
+    return (counts[:-1] / counts[-1]).tolist()
 
 
 __all__ = ["FitReport", "fit"]

@@ -27,9 +27,12 @@ def plot_tradeoff(
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, points in curves.items():
         ax.plot([g for _, g in points], [100 * a for a, _ in points], marker=".", label=label)
+    at: dict[tuple[float, float], list[str]] = {}  # profiles that land on one point share one label
     for name, accuracy, gflops in profiles:
-        ax.scatter([gflops], [100 * accuracy], marker="x", zorder=4)
-        ax.annotate(name, (gflops, 100 * accuracy), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        at.setdefault((gflops, 100 * accuracy), []).append(name)
+    for point, names in at.items():
+        ax.scatter(*point, marker="x", zorder=4)
+        ax.annotate(", ".join(names), point, fontsize=7, xytext=(3, -9), textcoords="offset points")
     ax.scatter([plain[1]], [100 * plain[0]], color="black", zorder=5, label="plain model")
     ax.set_xlabel("average GFLOPs per image (gates included)")
     ax.set_ylabel(f"{split} accuracy (%)")

@@ -237,7 +237,7 @@ def run_fit(args: argparse.Namespace) -> int:
         gated, caches["train"], loss=args.gate_loss, epochs=args.gate_epochs, lr=args.gate_lr, reg=args.gate_reg,
         accelerator=accelerator, seed=args.seed, progress=accelerator.is_main_process,
     )
-    say(f"{args.gate_loss} gates fitted on {report.num_samples} images ({report.num_processes} processes); "
+    say(f"{args.gate_loss} gates fitted on {report.num_samples} images by {report.num_processes} process(es); "
         "train accuracy per gate: " + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
     held_out = {name: gather_cache(caches[name], accelerator) for name in ("validation", "test") if name in caches}
     if not accelerator.is_main_process:
