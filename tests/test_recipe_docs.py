@@ -14,8 +14,7 @@ from pathlib import Path
 
 import timm_dgate
 
-from .test_docs import FENCE
-
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "recipes.md"
 
