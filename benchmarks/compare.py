@@ -128,6 +128,7 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     full = load_splits()
     backbone = load_backbone(name, full.train)
     splits = {key: sliced(getattr(full, key), args.limit) for key in ("train", "val", "test")}
+    splits["train"] = sliced(splits["train"], args.train_limit)
     input_size = (1, args.input_size, args.input_size)
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
@@ -220,12 +221,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="images per split (smoke runs)")
     parser.add_argument("--quick", action="store_true", help="--limit 512, 30 gate epochs, 1 earlyon epoch")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="training images the gates and earlyon's heads learn from (default: all 55,000)")
     parser.add_argument("--gate-epochs", type=int, default=300)
     parser.add_argument("--earlyon-epochs", type=int, default=None)
     parser.add_argument("--no-earlyon", action="store_true")
-    parser.add_argument("--plain-pass-images", type=int, default=8192,
+    parser.add_argument("--plain-pass-images", type=int, default=4096,
                         help="training images timed for the plain-pass reference (scaled to the split)")
-    parser.add_argument("--check-images", type=int, default=2048)
+    parser.add_argument("--check-images", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a busy machine)")
     args = parser.parse_args(argv)
     if args.quick:

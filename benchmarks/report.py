@@ -1,0 +1,295 @@
+"""Write docs/benchmarks.md and its plots from what compare.py, speed.py and backbones.py saved.
+
+Why separate: the measurements take most of an hour; the document can be rewritten in a
+second. Text under the heading ``## Reading the numbers`` in an existing document is kept,
+so the hand-written discussion survives a regeneration.
+
+    .venv/bin/python benchmarks/report.py --models resnet18 resnet50 convnext_atto --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from backbones import RECORDS, STATIC
+from executor import machine
+
+from timm_dgate.demo.pipeline import DROPS
+
+KEEP = "## Reading the numbers"
+TARGETS = {"iso": "iso (≤0.1 pt)", "-0.5pt": "−0.5 pt", "-1pt": "−1 pt", "-2pt": "−2 pt"}
+EARLYON = "earlyon 0.3.0 (its heads + calibration)"
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def method_points(result: dict) -> dict[str, dict[str, dict]]:
+    """method -> target label -> {accuracy, gflops, val_accuracy}; earlyon included when run."""
+    out = {name: {p["target"]: p for p in m["points"]} for name, m in result["methods"].items()}
+    if "earlyon" in result:
+        out[EARLYON] = {label: {**p, "val_accuracy": p["val_accuracy"]} for label, p in result["earlyon"].items()
+                        if label in DROPS}
+    return out
+
+
+def fixed_table(result: dict, statics: dict[str, dict]) -> str:
+    plain = result["plain"]
+    base = plain["gflops"]
+    head = "| method | " + " | ".join(TARGETS.values()) + " |"
+    lines = [
+        f"Plain `{result['model']}`: validation {pct(plain['val_accuracy'])}, test {pct(plain['accuracy'])}, "
+        f"{base:.4f} GFLOPs. Each cell: test accuracy (Δ vs plain test) · test GFLOPs · FLOPs saved; "
+        "the target is a drop from the plain model's *validation* accuracy.",
+        "",
+        head,
+        "|---" * (len(TARGETS) + 1) + "|",
+    ]
+    for method, points in method_points(result).items():
+        cells = []
+        for label in TARGETS:
+            p = points[label]
+            delta = 100 * (p["accuracy"] - plain["accuracy"])
+            saved = 100 * (1 - p["gflops"] / base)
+            cells.append(f"{pct(p['accuracy'])} ({delta:+.2f}) · {p['gflops']:.4f} · **{saved:.1f}%**")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for name, s in statics.items():
+        delta = 100 * (s["accuracy"] - plain["accuracy"])
+        cell = f"{pct(s['accuracy'])} ({delta:+.2f}) · {s['gflops']:.4f} · {100 * (1 - s['gflops'] / base):.1f}%"
+        lines.append(f"| static `{name}` ({s['epochs']} epochs) | {cell} (one point, no target) | | | |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, statics: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for method, m in result["methods"].items():
+        line = ax.plot([g for _, g in m["curve"]], [100 * a for a, _ in m["curve"]], marker=".", label=method)[0]
+        ax.scatter([p["gflops"] for p in m["points"]], [100 * p["accuracy"] for p in m["points"]],
+                   marker="o", facecolors="none", edgecolors=line.get_color(), s=60)
+    if "earlyon" in result:
+        points = sorted((p["gflops"], p["accuracy"]) for p in result["earlyon"].values())
+        ax.plot([g for g, _ in points], [100 * a for _, a in points], marker="s", linestyle="--", label=EARLYON)
+    plain = result["plain"]
+    ax.scatter([plain["gflops"]], [100 * plain["accuracy"]], color="black", zorder=5, label=f"plain {result['model']}")
+    for name, s in statics.items():
+        ax.scatter([s["gflops"]], [100 * s["accuracy"]], marker="^", s=70, zorder=5, label=f"static {name}")
+    ax.set_xlabel("average GFLOPs per image (gates / heads included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{result['model']}, Fashion-MNIST test; thresholds chosen on validation\n"
+                 "(lines: trade-off curves; circles: the four fixed targets)", fontsize=9)
+    low = min([100 * plain["accuracy"] - 6, *(100 * s["accuracy"] - 1 for s in statics.values())])
+    ax.set_ylim(bottom=max(low, ax.get_ylim()[0]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed_table(speed: dict) -> str:
+    batches = sorted({r["batch"] for r in speed["rows"]})
+    variants = list(dict.fromkeys(r["variant"].replace(" (per-sample router)", "").replace(
+        " (batched: all-or-nothing)", "") for r in speed["rows"]))
+    by = {(r["batch"], r["variant"].split(" (")[0]): r for r in speed["rows"]}
+    head = "| variant | " + " | ".join(f"batch {b}: img/s · speed-up · ideal · fraction" for b in batches) + " |"
+    lines = [head, "|---" * (len(batches) + 1) + "|"]
+    for v in variants:
+        cells = []
+        for b in batches:
+            r = by.get((b, v))
+            if r is None:
+                cells.append("–")
+            elif v in ("plain", "gates closed"):
+                cells.append(f"{r['images_per_s']:.0f} · {r['speedup']:.3f}x")
+            else:
+                cells.append(f"{r['images_per_s']:.0f} · {r['speedup']:.2f}x · {r['ideal']:.2f}x · "
+                             f"**{r['fraction_of_ideal']:.2f}**")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    images = ", ".join(f"batch {b}: {next(r['images'] for r in speed['rows'] if r['batch'] == b)} images"
+                       for b in batches)
+    loads = [x for r in speed["rows"] for x in r["load"]]
+    lines += ["", f"Timed on the first test images ({images}); {speed['repeats']} repeats, variants interleaved, "
+              f"medians; torch threads {speed['threads']}; 1-minute load average during the runs "
+              f"{min(loads):.2f} to {max(loads):.2f}. `gates closed` runs every gate closed through the hooks "
+              "(`return_exits=True`): its overhead is 1/speed-up − 1. earlyon is timed with its per-sample "
+              "router at batch 1 and its batched mode (a batch exits only when every sample is confident) above."]
+    return "\n".join(lines)
+
+
+def fit_table(results: list[dict]) -> str:
+    lines = [
+        "| model | plain pass over train | caching pass | fit hinge gates | fit CE gates | hinge fit / plain pass "
+        "| (cache + hinge fit) / plain pass | fit peak RSS added | feature cache | earlyon head training |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s, f = r["seconds"], r["fit"]
+        plain_s = s["plain_pass_train"]
+        eo = f"{r['earlyon_train_s']:.0f} s ({r['earlyon_epochs']} epoch(s), backbone run every step)" \
+            if "earlyon_train_s" in r else "–"
+        lines.append(
+            f"| {r['model']} | {s['plain_pass_train']:.0f} s | {s['cache_train']:.0f} s | {f['hinge']['fit_s']:.0f} s "
+            f"({f['hinge']['epochs']} epochs) | {f['ce']['fit_s']:.0f} s | **{f['hinge']['fit_s'] / plain_s:.2f}** "
+            f"| **{(s['cache_train'] + f['hinge']['fit_s']) / plain_s:.2f}** "
+            f"| {f['hinge']['fit_peak_delta_mib']:.0f} MiB | {f['hinge']['cache_features_mib']:.0f} MiB | {eo} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(results: list[dict], speeds: dict[str, dict]) -> str:
+    lines = ["| goal | model | result | met? |", "|---|---|---|---|"]
+    for r in results:
+        base = r["plain"]["gflops"]
+        pts = method_points(r)
+        hinge = pts["hinge d-gates (paper)"]
+        worse = [f"{label}: {m} {100 * (1 - pts[m][label]['gflops'] / base):.1f}% > "
+                 f"{100 * (1 - hinge[label]['gflops'] / base):.1f}%"
+                 for m in pts for label in TARGETS if pts[m][label]["gflops"] < hinge[label]["gflops"] - 1e-12]
+        lines.append(f"| hinge saves ≥ every other method at every target | {r['model']} | "
+                     f"{'; '.join(worse) or 'hinge saves the most at all four'} | {'no' if worse else 'yes'} |")
+        saved = 1 - hinge["-0.5pt"]["gflops"] / base
+        drop = 100 * (r["plain"]["accuracy"] - hinge["-0.5pt"]["accuracy"])
+        lines.append(f"| hinge ≥35% FLOPs saved within 0.5 pt | {r['model']} | {100 * saved:.1f}% saved at "
+                     f"−0.5 pt target (test drop {drop:.2f} pt) | {'yes' if saved >= 0.35 and drop <= 0.5 else 'no'} |")
+        ratio = r["fit"]["hinge"]["fit_s"] / r["seconds"]["plain_pass_train"]
+        both = (r["fit"]["hinge"]["fit_s"] + r["seconds"]["cache_train"]) / r["seconds"]["plain_pass_train"]
+        lines.append(f"| fitting ≤1.5 plain passes over train | {r['model']} | fit on cache {ratio:.2f}, "
+                     f"cache + fit {both:.2f} | {'yes' if ratio <= 1.5 else 'no'} (cache + fit: "
+                     f"{'yes' if both <= 1.5 else 'no'}) |")
+        speed = speeds.get(r["model"])
+        if speed:
+            rows = [x for x in speed["rows"] if x["variant"].startswith("hinge")]
+            at256 = [x for x in rows if x["batch"] == 256]
+            at1 = [x for x in rows if x["batch"] == 1]
+            if at256:
+                low = min(x["fraction_of_ideal"] for x in at256)
+                lines.append(f"| batch 256 speed-up ≥0.85 of ideal | {r['model']} | "
+                             + ", ".join(f"{x['fraction_of_ideal']:.2f}" for x in at256) + " (iso … −2 pt) | "
+                             f"{'yes' if low >= 0.85 else 'no'} |")
+            if at1:
+                lines.append(f"| real speed-up at batch 1 | {r['model']} | "
+                             + ", ".join(f"{x['speedup']:.2f}x" for x in at1) + " (iso … −2 pt) | "
+                             f"{'yes' if all(x['speedup'] > 1 for x in at1) else 'no'} |")
+    return "\n".join(lines)
+
+
+def setup_table(results: list[dict], records: dict[str, dict]) -> str:
+    lines = ["| model | training epochs | val accuracy | test accuracy | GFLOPs/image | our gates after | "
+             "earlyon exits after |", "|---|---|---|---|---|---|---|"]
+    gated = {r["model"]: r for r in results}
+    for name, rec in records.items():
+        r = gated.get(name)
+        gates = ", ".join(f"`{g}`" for g in r["gates"]) if r else "(static comparator)"
+        eo = ", ".join(f"`{g}`" for g in r.get("earlyon_layers", [])) if r else ""
+        lines.append(f"| `{name}` | {rec['epochs']} | {pct(rec['val_accuracy'])} | {pct(rec['accuracy'])} | "
+                     f"{rec['gflops']:.4f} | {gates} | {eo or '–'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_atto"])
+    parser.add_argument("--results", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--commands", nargs="*", default=[], help="the commands that produced the results")
+    args = parser.parse_args(argv)
+    results = [r for m in args.models if (r := load(args.results / m / "results.json"))]
+    speeds = {m: s for m in args.models if (s := load(args.results / m / "speed.json"))}
+    names = list(dict.fromkeys([*args.models, *(s for m in args.models for s in STATIC.get(m, []))]))
+    records = {n: rec for n in names if (rec := load(RECORDS / f"{n}.json"))}
+    img = args.out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    kept = ""
+    if args.out.exists() and KEEP in (old := args.out.read_text()):
+        kept = old[old.index(KEEP):]
+    parts = [
+        "# Benchmarks: d-gates against other early-exit methods on Fashion-MNIST",
+        "",
+        "Fashion-MNIST, 1×32×32 (28×28 zero-padded, as the demo), backbones trained here with the demo's recipe "
+        "(`benchmarks/backbones.py`, cached in timm's layout under `runs/backbones/<model>`). Every threshold is "
+        "chosen on the 5,000-image validation split carved from train (seed 0, as the demo); every number "
+        "below is on the 10,000-image test split. FLOPs: `torch.utils.flop_counter.FlopCounterMode`, 2 FLOPs per "
+        "multiply-add, per image, gates and exit heads included (an open gate is paid by every sample that "
+        "reaches it), for our gates and earlyon's alike; earlyon's own estimate is not used.",
+        "",
+        "Methods at equal backbone: **hinge d-gates** (the paper: pooled linear gates, hinge loss, exit on "
+        "`max_c d_c`); **CE gates, max-softmax** (SDN-style: same gates trained with cross-entropy, exit on the "
+        "max softmax probability); **CE gates, entropy** (BranchyNet-style: same CE gates, exit on low entropy) "
+        "— all three calibrated by `timm_dgate.calibrate` on the same validation cache; **earlyon 0.3.0** (PyPI) "
+        "on the very same trained ResNet weights loaded into its torchvision ResNet (`conv1` swapped to one "
+        "channel, outputs checked equal), with its own MLP exit heads trained by its `stage2_train_exits` and its "
+        "own greedy grid calibration `calibrate_thresholds` (max-softmax policy) to the same drops on the same "
+        "validation split; the **plain** model; and **smaller static** timm models of the same family.",
+        "",
+        "## Setup",
+        "",
+        setup_table(results, records),
+        "",
+    ]
+    for r in results:
+        name = r["model"]
+        statics = {s: records[s] for s in STATIC.get(name, []) if s in records}
+        plot(r, statics, img / f"bench_{name}.png")
+        parts += [f"## {name}", "", f"![accuracy vs GFLOPs, {name}](img/bench_{name}.png)", "",
+                  "### Fixed targets (accuracy · GFLOPs · FLOPs saved)", "", fixed_table(r, statics), ""]
+        check = r["engine_check"]
+        parts += [f"Check: on the first {check['images']} test images the real early-exit forward with the "
+                  f"`{check['profile']}` profile took the exit the cache-based scoring predicts for "
+                  f"{pct(check['same_exit'])} of images and gave the same prediction for "
+                  f"{pct(check['same_prediction'])}.",
+                  ""]
+        if "earlyon" in r:
+            est = r["earlyon_own_estimate"]
+            parts += [f"earlyon's own FLOPs estimate for this model: method `{est['method']}`, reliable "
+                      f"{est['reliable']}, fractions {est['fractions']} (our count: "
+                      + ", ".join(f"{c / r['earlyon_costs']['backbone']:.3f}" for c in r["earlyon_costs"]["to_gate"])
+                      + "; its heads cost " + ", ".join(f"{g / 1e6:.3f}" for g in r["earlyon_costs"]["gate"])
+                      + " MFLOPs each, ours " + ", ".join(f"{g / 1e3:.1f}" for g in r["costs"]["gate"])
+                      + " kFLOPs).", ""]
+        if name in speeds:
+            parts += ["### Wall-clock", "", speed_table(speeds[name]), ""]
+    train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
+    parts += ["## Cost of fitting", "", fit_table(results), "",
+              f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
+              "Plain pass: the plain model over those images at batch 256, timed on the first 4,096 and scaled. "
+              "Caching pass: `cache_features` over them (one backbone pass storing every gate's pooled input and "
+              "the logits). Fit: `timm_dgate.fit` on that cache (full-batch Adam, one step per epoch), in a fresh "
+              "process (`benchmarks/fit_cost.py`); peak memory is "
+              "`resource.getrusage(RUSAGE_SELF).ru_maxrss` after the fit minus before it (backbone and cache "
+              "already loaded). tracemalloc is not used: torch's allocations bypass it.", "",
+              "## Goals", "", goals(results, speeds), ""]
+    commands = args.commands or [shlex.join([Path(sys.executable).name, *sys.argv])]
+    env = next((s["machine"] for s in speeds.values()), machine())
+    stamps = sorted(datetime.datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="minutes")
+                    for m in args.models for p in (args.results / m).glob("*.json"))
+    parts += ["## How these numbers were made", "", "```", *commands, "```", "",
+              f"- date: results written {stamps[0] if stamps else '?'} to {stamps[-1] if stamps else '?'} (UTC)",
+              f"- machine: {env} (lscpu model, cores, threads; load average when timing started)",
+              f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+              "- results: `runs/bench/<model>/results.json` and `speed.json`, `runs/bench/plain/<model>.json`",
+              ""]
+    text = "\n".join(parts) + ("\n" + kept if kept else "")
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
