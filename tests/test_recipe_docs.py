@@ -14,13 +14,14 @@ from pathlib import Path
 
 import timm_dgate
 
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+from .markdown import fenced_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "recipes.md"
 
 
 def _blocks(language: str) -> list[str]:
-    return [body for lang, body in FENCE.findall(DOC.read_text()) if lang == language]
+    return fenced_blocks(DOC, language)
 
 
 def test_every_documented_command_runs_as_written(tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .evaluate import _time_pair
+from .evaluate import time_side_by_side
 from .model import GatedModel
 
 
@@ -40,7 +40,7 @@ def throughput(
         batches = list(images.split(size))
         for name in profiles:
             model.use_profile(name)
-            gated_s, plain_s = _time_pair(model, model.base_model, batches, repeats)
+            gated_s, plain_s = time_side_by_side(model, model.base_model, batches, repeats)
             rows.append(Throughput(size, name, 1 / gated_s, 1 / plain_s))
     if active is not None:
         model.use_profile(active)

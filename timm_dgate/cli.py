@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace):
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .cache import cache_features
-    from .hub import CONFIG_NAME, _card_profiles
+    from .hub import CONFIG_NAME, profiles_table
     from .recipe import calibrate_profiles
 
     gated, data = _load(args)
@@ -74,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"calibrating on {len(val)} validation images ({val.source})")
     cache = cache_features(gated, data.loader(val), split="validation")
     profiles = calibrate_profiles(gated, cache, args.max_drop, args.max_gflops)
-    print(_card_profiles(profiles))
+    print(profiles_table(profiles))
     backbone = json.loads((Path(args.folder) / CONFIG_NAME).read_text())["backbone"]
     out = gated.save_pretrained(
         args.output or args.folder, base_model=backbone["hub_id"], include_backbone=backbone["source"] == "folder"

@@ -67,7 +67,7 @@ def _timing_batches(data: Iterable, device: torch.device, images: int) -> list[t
     return out
 
 
-def _time_pair(run_a, run_b, batches: Sequence[torch.Tensor], repeats: int) -> tuple[float, float]:
+def time_side_by_side(run_a, run_b, batches: Sequence[torch.Tensor], repeats: int) -> tuple[float, float]:
     """Median seconds per image of two callables, measured alternately on the same batches."""
     images = sum(len(b) for b in batches)
     times: tuple[list[float], list[float]] = ([], [])
@@ -123,7 +123,7 @@ def evaluate(
                 (out.exits * num_classes + y).cpu(), minlength=(head + 1) * num_classes
             ).view(head + 1, num_classes)
             flops += model.costs.average(out.exits, model.thresholds) * len(y)
-        gated_s, plain_s = _time_pair(model, plain, timing, repeats)
+        gated_s, plain_s = time_side_by_side(model, plain, timing, repeats)
         result = ProfileResult(
             name=name,
             thresholds=profile.thresholds,

@@ -215,7 +215,7 @@ def write_model_card(
     sections = [
         _card_intro(config, model),
         _card_usage(config, repo_id),
-        _card_profiles(profiles),
+        profiles_table(profiles),
     ]
     if (folder / PLOT_NAME).is_file():
         sections.append(f"## Accuracy vs. cost\n\n![accuracy against GFLOPs per image]({PLOT_NAME})\n")
@@ -275,7 +275,8 @@ def _card_usage(config: dict, repo_id: str | None) -> str:
     return "\n".join(lines)
 
 
-def _card_profiles(profiles: Sequence[Profile]) -> str:
+def profiles_table(profiles: Sequence[Profile]) -> str:
+    """Markdown section listing each profile with what it was measured at (model card, recipe results)."""
     if not profiles:
         return (
             "## Threshold profiles\n\nNone yet: every gate is closed, so the model answers exactly like the "

@@ -30,7 +30,7 @@ from .datasets import RecipeData, SplitData, add_data_arguments, check_data_argu
 from .errors import InputError, report_errors
 from .evaluate import EvalReport, evaluate
 from .fit import FitReport, fit
-from .hub import _card_profiles
+from .hub import profiles_table
 from .losses import DEFAULT_EXIT_SCORE
 from .model import GatedModel, wrap
 from .plots import plot_tradeoff
@@ -312,7 +312,7 @@ def results_markdown(
         f"# {args.model} with {gated.gate_loss} decision gates\n\n"
         f"Data: {args.dataset or 'image folder'} at {args.data_dir}: {data}.\n\n"
         f"Gate train accuracy: {gates}. Plain model: {gated.costs.backbone / 1e9:.4f} GFLOPs per image.\n\n"
-        f"{_card_profiles(profiles)}\n{test}\n![accuracy against cost]({PLOT_NAME})\n"
+        f"{profiles_table(profiles)}\n{test}\n![accuracy against cost]({PLOT_NAME})\n"
     )
 
 

@@ -20,6 +20,7 @@ from timm_dgate.cache import FeatureCache, cache_features
 from timm_dgate.calibrate import ExitTable, calibrate, tradeoff_curve
 from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, format_table
 from timm_dgate.fit import fit
+from timm_dgate.plots import plot_tradeoff
 
 from .backbone import cached_backbone
 from .data import CLASSES, TensorBatches, load_splits
@@ -44,26 +45,6 @@ class DemoConfig:
     confidence: float = 0.9
     timing_images: int = 2048
     timing_repeats: int = 3
-
-
-def _plot(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for label, points in curves.items():
-        ax.plot([g for _, g in points], [100 * a for a, _ in points], marker=".", label=label)
-    ax.scatter([plain[1]], [100 * plain[0]], color="black", zorder=5, label="plain model")
-    ax.set_xlabel("average GFLOPs per image (gates included)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST test split (thresholds chosen on validation)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_exits(result, gate_names: list[str], path: Path) -> None:
@@ -173,7 +154,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     plain_point = (reports["hinge"].plain_accuracy, reports["hinge"].plain_gflops)
     section("Test accuracy at equal compute (each curve's thresholds chosen on validation)",
             format_equal_flops(curves, plain_point))
-    _plot(curves, plain_point, out / "tradeoff.png")
+    plot_tradeoff(curves, plain_point, out / "tradeoff.png", split="test",
+                  title="Fashion-MNIST test split (thresholds chosen on validation)")
     _plot_exits(hinge_iso, gate_names, out / "exits_per_class.png")
 
     results = {
