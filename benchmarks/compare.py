@@ -36,7 +36,8 @@ from timm_dgate.calibrate import ExitTable
 from timm_dgate.demo.data import TensorBatches, load_splits
 from timm_dgate.demo.pipeline import DROPS
 
-EARLYON_EPOCHS = {"resnet50": 1}  # its stage 2 runs the backbone every step: the dominant cost here
+# its stage 2 runs the backbone every step (the dominant cost here); its own default is 20 epochs
+EARLYON_EPOCHS = {"resnet18": 10, "resnet50": 5}
 EARLYON_SWEEP = (0.0, 0.0025, 0.03, 0.05, 0.1, 0.2)  # extra budgets, with DROPS, for its curve
 
 
@@ -54,8 +55,8 @@ def timed(into: dict, key: str):
 
 
 @torch.inference_mode()
-def plain_pass_seconds(model: torch.nn.Module, data: TensorDataset, images: int) -> float:
-    """Seconds per image of the plain model over the first ``images`` training images (batches of 256)."""
+def plain_pass_seconds(model: torch.nn.Module, data: TensorDataset, images: int | None) -> float:
+    """Seconds per image of the plain model over the first ``images`` training images (all: None), batches of 256."""
     subset = sliced(data, images)
     start = time.perf_counter()
     for x, _ in TensorBatches(subset):
@@ -103,7 +104,9 @@ def run_earlyon(name: str, backbone: torch.nn.Module, loaders: dict, input_size:
     """Its exit-head training, its calibration per target on val, scored on test with our FLOPs count."""
     wrapper = earlyon_adapter.build(backbone, name, input_size)
     result["earlyon_epochs"] = epochs
-    result["earlyon_train_s"] = earlyon_adapter.train_heads(wrapper, loaders["train_128"], epochs)
+    result["earlyon_train_s"], result["earlyon_train_accuracy"] = earlyon_adapter.train_heads(
+        wrapper, loaders["train_128"], epochs
+    )
     costs = earlyon_adapter.costs(wrapper, input_size)
     result["earlyon_costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}
     result["earlyon_layers"] = [ep.layer_name for ep in wrapper.config.exit_points]
@@ -143,11 +146,12 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     result["gates"] = [b.name for b in gated["hinge"].boundaries]
     result["costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}
 
-    seconds["plain_pass_per_image"] = plain_pass_seconds(plain, splits["train"], args.plain_pass_images)
-    seconds["plain_pass_train"] = seconds["plain_pass_per_image"] * len(splits["train"].tensors[1])
-    print(f"  plain pass over train (from {args.plain_pass_images} images): {seconds['plain_pass_train']:.1f}s")
     with timed(seconds, "cache_train"):
         train = cache_features(gated["hinge"], loaders["train"], split="train", progress=False)
+    # right after the caching pass, so that both see the same machine load
+    seconds["plain_pass_per_image"] = plain_pass_seconds(plain, splits["train"], args.plain_pass_images)
+    seconds["plain_pass_train"] = seconds["plain_pass_per_image"] * len(splits["train"].tensors[1])
+    print(f"  plain pass over train: {seconds['plain_pass_train']:.1f}s")
     caches = {"val": cache_features(gated["hinge"], loaders["val"], split="validation", progress=False),
               "test": cache_features(gated["hinge"], loaders["test"], split="test", progress=False)}
     result["plain"] = {"val_accuracy": accuracy_of(caches["val"]), "accuracy": accuracy_of(caches["test"]),
@@ -181,7 +185,7 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     if name in earlyon_adapter.SUPPORTED and not args.no_earlyon:
         if not earlyon_adapter.available():
             raise SystemExit(earlyon_adapter.INSTALL)
-        epochs = args.earlyon_epochs or EARLYON_EPOCHS.get(name, 2)
+        epochs = args.earlyon_epochs or EARLYON_EPOCHS.get(name, 5)
         run_earlyon(name, backbone, loaders, input_size, epochs, out, result)
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"  wrote {out / 'results.json'}", flush=True)
@@ -226,15 +230,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gate-epochs", type=int, default=300)
     parser.add_argument("--earlyon-epochs", type=int, default=None)
     parser.add_argument("--no-earlyon", action="store_true")
-    parser.add_argument("--plain-pass-images", type=int, default=4096,
-                        help="training images timed for the plain-pass reference (scaled to the split)")
+    parser.add_argument("--plain-pass-images", type=int, default=None,
+                        help="training images timed for the plain-pass reference, scaled to the split (default all)")
     parser.add_argument("--check-images", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a busy machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.limit = args.limit or 512
         args.gate_epochs, args.earlyon_epochs = 30, args.earlyon_epochs or 1
-        args.plain_pass_images = min(args.plain_pass_images, args.limit)
     args.out = args.out or Path("runs/bench-quick" if args.quick else "runs/bench")
     return args
 

@@ -60,18 +60,21 @@ def build(timm_model: nn.Module, arch: str, input_size: Sequence[int]) -> nn.Mod
     return wrapper
 
 
-def train_heads(wrapper: nn.Module, loader: Iterable, epochs: int) -> float:
-    """earlyon's stage 2 (frozen backbone, weighted multi-exit CE, Adam 1e-3); returns seconds."""
+def train_heads(wrapper: nn.Module, loader: Iterable, epochs: int) -> tuple[float, list[dict[str, float]]]:
+    """earlyon's stage 2 (frozen backbone, weighted multi-exit CE, Adam 1e-3): seconds, per-epoch train accuracy."""
     from earlyon.training.two_stage_trainer import stage2_train_exits
 
+    history: list[dict[str, float]] = []
+
     def log(entry: object) -> None:
+        history.append(dict(entry.per_exit_accuracy))
         accs = ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry.per_exit_accuracy.items())
         print(f"  earlyon heads epoch {entry.epoch + 1}/{epochs}: {accs}", flush=True)
 
     start = time.perf_counter()
     stage2_train_exits(wrapper, loader, epochs=epochs, on_epoch_end=log)
     wrapper.eval()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, history
 
 
 def costs(wrapper: nn.Module, input_size: Sequence[int]) -> GateCosts:

@@ -143,8 +143,10 @@ def fit_table(results: list[dict]) -> str:
     for r in results:
         s, f = r["seconds"], r["fit"]
         plain_s = s["plain_pass_train"]
-        eo = f"{r['earlyon_train_s']:.0f} s ({r['earlyon_epochs']} epoch(s), backbone run every step)" \
-            if "earlyon_train_s" in r else "–"
+        eo = "–"
+        if "earlyon_train_s" in r:
+            final = ", ".join(f"{100 * v:.1f}%" for k, v in r["earlyon_train_accuracy"][-1].items() if k != "final")
+            eo = f"{r['earlyon_train_s']:.0f} s ({r['earlyon_epochs']} epochs; its exits' train accuracy {final})"
         lines.append(
             f"| {r['model']} | {s['plain_pass_train']:.0f} s | {s['cache_train']:.0f} s | {f['hinge']['fit_s']:.0f} s "
             f"({f['hinge']['epochs']} epochs) | {f['ce']['fit_s']:.0f} s | **{f['hinge']['fit_s'] / plain_s:.2f}** "
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
     parts += ["## Cost of fitting", "", fit_table(results), "",
               f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
-              "Plain pass: the plain model over those images at batch 256, timed on the first 4,096 and scaled. "
+              "Plain pass: the plain model over those images at batch 256, right after the caching pass. "
               "Caching pass: `cache_features` over them (one backbone pass storing every gate's pooled input and "
               "the logits). Fit: `timm_dgate.fit` on that cache (full-batch Adam, one step per epoch), in a fresh "
               "process (`benchmarks/fit_cost.py`); peak memory is "
