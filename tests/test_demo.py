@@ -7,6 +7,8 @@ import json
 import pytest
 
 import timm_dgate
+from timm_dgate.demo.backbone import accuracy, cached_backbone
+from timm_dgate.demo.data import load_splits
 from timm_dgate.demo.pipeline import DROPS, DemoConfig, accuracy_at, run_demo
 
 
@@ -29,9 +31,12 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     assert list(published.profiles) == [p["name"] for p in hinge["profiles"]]
     assert all(p.test["split"] == "test" for p in published.profiles.values())
 
-    again = run_demo(cfg)
+    splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)
+    again = cached_backbone(cfg.model, splits.train, tmp_path / "backbone")  # what a rerun of the demo does
     assert "trained earlier from" in capsys.readouterr().out
-    assert again["reports"]["hinge"]["plain_accuracy"] == hinge["plain_accuracy"]  # the whole backbone came back
+    assert accuracy(again, splits.test) == hinge["plain_accuracy"]  # the whole backbone came back, head included
+    with pytest.raises(ValueError, match="holds a trained resnet18, not resnet50: pass --retrain"):
+        cached_backbone("resnet50", splits.train, tmp_path / "backbone")
 
 
 def test_curves_compare_at_equal_compute_by_interpolation():
