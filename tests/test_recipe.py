@@ -97,8 +97,9 @@ def test_fit_subcommand_holds_out_validation_and_saves_a_loadable_folder(fitted)
 def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folder, monkeypatch, capsys):
     data = ["--data-dir", str(image_folder), "--val-fraction", "0.25", "-j", "0"]
     copy = tmp_path / "copy"
-    assert cli.main(["calibrate", str(fitted / "hub"), *data, "--max-drop", "2", "--output", str(copy)]) == 0
-    assert "drop-2pt" in timm_dgate.from_pretrained(copy).profiles
+    calibrate = ["calibrate", str(fitted / "hub"), *data, "--max-drop", "2", "--confidence", "0.9"]
+    assert cli.main([*calibrate, "--output", str(copy)]) == 0
+    assert timm_dgate.from_pretrained(copy).profiles["drop-2pt"].target.endswith("with 90% confidence")
     report = tmp_path / "eval.json"
     assert cli.main(["eval", str(copy), *data, "--test-split", "validation", "--profile", "drop-2pt",
                      "--timing-images", "32", "--json", str(report)]) == 0
@@ -130,6 +131,7 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
         (["fit", *MODEL, "--dataset", "torch/fashion_mnist", "--val-split", "validation", "--test-split", "test"],
          "only train and test"),
         (["calibrate", "{fitted}", "--data-dir", "{images}", "--max-drop", "-1"], "must be >= 0"),
+        (["calibrate", "{fitted}", "--data-dir", "{images}", "--confidence", "95"], "--confidence must be in"),
         (["eval", "{fitted}", "--data-dir", "{images}", "--test-split", "validation", "--profile", "nope"],
          "has no profile nope"),
         (["bench", "/no/such/folder"], "is not a folder"),

@@ -68,6 +68,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, drops: Sequence[float]
                        f"(default: {' '.join(f'{d:g}' for d in drops) or 'none'})")
     group.add_argument("--max-gflops", type=float, nargs="*", default=[], metavar="G",
                        help="average GFLOPs per image budgets, gates included")
+    group.add_argument("--confidence", type=float, default=None, metavar="P",
+                       help="drop targets must hold for this lower confidence bound of the validation "
+                       "estimate, e.g. 0.9 (default: the estimate itself)")
 
 
 def check_target_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -75,6 +78,8 @@ def check_target_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--max-drop values must be >= 0 and --max-gflops values > 0")
     if not args.max_drop and not args.max_gflops:
         parser.error("give at least one --max-drop or --max-gflops target")
+    if args.confidence is not None and not 0.5 <= args.confidence < 1:
+        parser.error(f"--confidence must be in [0.5, 1), got {args.confidence}")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,10 +153,16 @@ def weights_identity(args: argparse.Namespace) -> str:
 
 
 def calibrate_profiles(
-    model: GatedModel, cache: FeatureCache, max_drop: Sequence[float], max_gflops: Sequence[float]
+    model: GatedModel,
+    cache: FeatureCache,
+    max_drop: Sequence[float],
+    max_gflops: Sequence[float],
+    confidence: float | None = None,
 ) -> list[Profile]:
     """One profile per target (drops in points), named ``drop-<pt>pt`` / ``gflops-<G>``; the first is active."""
-    profiles = [calibrate(model, cache, max_drop=d / 100, name=f"drop-{d:g}pt") for d in max_drop]
+    profiles = [
+        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt") for d in max_drop
+    ]
     profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}") for g in max_gflops]
     model.use_profile(profiles[0].name)
     return profiles
@@ -242,7 +253,7 @@ def run_fit(args: argparse.Namespace) -> int:
     held_out = {name: gather_cache(caches[name], accelerator) for name in ("validation", "test") if name in caches}
     if not accelerator.is_main_process:
         return 0
-    profiles = calibrate_profiles(gated, held_out["validation"], args.max_drop, args.max_gflops)
+    profiles = calibrate_profiles(gated, held_out["validation"], args.max_drop, args.max_gflops, args.confidence)
     test_report = None
     if "test" in splits:
         test_report = evaluate(gated, data.loader(splits["test"]), split=args.test_split,
