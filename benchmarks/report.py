@@ -117,8 +117,9 @@ def plot(result: dict, statics: dict[str, dict], path: Path) -> None:
         ax.plot([g for g, _ in points], [100 * a for _, a in points], marker="s", linestyle="--", label=EARLYON)
     plain = result["plain"]
     ax.scatter([plain["gflops"]], [100 * plain["accuracy"]], color="black", zorder=5, label=f"plain {result['model']}")
-    for name, s in statics.items():
-        ax.scatter([s["gflops"]], [100 * s["accuracy"]], marker="^", s=70, zorder=5, label=f"static {name}")
+    for (name, s), color in zip(statics.items(), ("tab:purple", "tab:brown", "tab:gray")):
+        ax.scatter([s["gflops"]], [100 * s["accuracy"]], marker="^", s=70, zorder=5, color=color,
+                   label=f"static {name}")
     ax.set_xlabel("average GFLOPs per image (gates / heads included)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{result['model']}, Fashion-MNIST test; thresholds chosen on validation\n"

@@ -134,6 +134,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--images", type=int, default=None, help=f"images per timed pass (default {IMAGES})")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-other-batches", action="store_true",
+                        help="keep saved rows of batch sizes not measured now (rerun one size after a noisy run)")
     return parser.parse_args(argv)
 
 
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     started, env = time.perf_counter(), machine()
     for name in args.models:
         out = bench_model(name, args)
+        saved = args.results / name / "speed.json"
+        if args.keep_other_batches and saved.exists():
+            old = json.loads(saved.read_text())["rows"]
+            out["rows"] = [r for r in old if r["batch"] not in args.batch_sizes] + out["rows"]
         out["machine"] = env
         out["seconds"] = time.perf_counter() - started
         (args.results / name / "speed.json").write_text(json.dumps(out, indent=1))
