@@ -91,6 +91,7 @@ def test_fit_subcommand_holds_out_validation_and_saves_a_loadable_folder(fitted)
     assert results["data"]["test"]["images"] == 100
     gated = timm_dgate.from_pretrained(fitted / "hub")
     assert set(gated.profiles) == {"drop-0pt", "drop-1pt", "gflops-0.007"}
+    assert {p.split for p in gated.profiles.values()} == {"validation: 0.25 of 'train' held out (seed 42)"}
     assert gated.base_model.pretrained_cfg["input_size"] == (1, 32, 32)  # preprocessing travels with the folder
 
 
@@ -132,6 +133,9 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
          "only train and test"),
         (["calibrate", "{fitted}", "--data-dir", "{images}", "--max-drop", "-1"], "must be >= 0"),
         (["calibrate", "{fitted}", "--data-dir", "{images}", "--confidence", "95"], "--confidence must be in"),
+        (["calibrate", "{fitted}", "--data-dir", "{images}"], "0.1 of 'train' held out (seed 42), which contains "
+         "images the gates were fit on"),  # the fit held out 0.25
+        (["calibrate", "{fitted}", "--data-dir", "{images}", "--val-fraction", "0.25", "--seed", "1"], "seed 1"),
         (["eval", "{fitted}", "--data-dir", "{images}", "--test-split", "validation", "--profile", "nope"],
          "has no profile nope"),
         (["bench", "/no/such/folder"], "is not a folder"),

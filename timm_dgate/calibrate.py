@@ -287,6 +287,7 @@ def calibrate(
     method: str = "coordinate",
     exit_score: str | None = None,
     activate: bool = True,
+    split: str | None = None,
 ) -> Profile:
     """Choose thresholds on validation ``data`` (a loader or a validation :class:`FeatureCache`).
 
@@ -297,6 +298,9 @@ def calibrate(
     ``confidence`` (e.g. ``0.9``) makes an accuracy target hold for the validation estimate's
     lower confidence bound rather than for the estimate itself: validation accuracy is itself
     a sample, and without a margin half of all profiles land below their target on new data.
+
+    ``split`` is what the profile records as its calibration data (default: the cache's split
+    name); say which images they were, so that later calibrations can be checked against it.
     """
     target = Target(min_accuracy=min_accuracy, max_drop=max_drop, max_gflops=max_gflops, confidence=confidence)
     cache = validation_cache(model, data)
@@ -309,7 +313,7 @@ def calibrate(
         thresholds=thresholds,
         exit_score=score,
         target=target.describe(),
-        split=cache.split,
+        split=split or cache.split,
         val_accuracy=accuracy,
         val_gflops=gflops,
         val_plain_accuracy=table.plain_accuracy,

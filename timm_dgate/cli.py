@@ -67,13 +67,14 @@ def _load(args: argparse.Namespace):
 def _calibrate(args: argparse.Namespace) -> int:
     from .cache import cache_features
     from .hub import CONFIG_NAME, profiles_table
-    from .recipe import calibrate_profiles
+    from .recipe import calibrate_profiles, check_same_holdout
 
     gated, data = _load(args)
+    check_same_holdout(gated.profiles.values(), data)
     val = data.splits(need_test=False)["validation"]
     print(f"calibrating on {len(val)} validation images ({val.source})")
     cache = cache_features(gated, data.loader(val), split="validation")
-    profiles = calibrate_profiles(gated, cache, args.max_drop, args.max_gflops, args.confidence)
+    profiles = calibrate_profiles(gated, cache, val, args.max_drop, args.max_gflops, args.confidence)
     print(profiles_table(profiles))
     backbone = json.loads((Path(args.folder) / CONFIG_NAME).read_text())["backbone"]
     out = gated.save_pretrained(

@@ -164,12 +164,16 @@ class RecipeData:
             held = max(1, round(args.val_fraction * len(train)))
             if held >= len(train):
                 raise InputError(f"split {args.train_split!r} has {len(train)} images: too few to hold out validation")
-            source = f"{args.val_fraction:g} of {args.train_split!r} held out (seed {args.seed})"
             out["train"] = self._subset("train", train, order[held:], f"{args.train_split!r} minus validation")
-            out["validation"] = self._subset("validation", train, order[:held], source)
+            out["validation"] = self._subset("validation", train, order[:held], self.holdout())
         if need_test and args.test_split:
             out["test"] = self.test()
         return out
+
+    def holdout(self) -> str | None:
+        """Which part of the train split is held out for validation; None with a ``--val-split`` of its own."""
+        args = self.args
+        return None if args.val_split else f"{args.val_fraction:g} of {args.train_split!r} held out (seed {args.seed})"
 
     def test(self) -> SplitData:
         """The held-out test split (``--test-split``), which chooses nothing."""

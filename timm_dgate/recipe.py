@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .profiles import Profile
 
 HUB_DIR, CACHE_DIR, PLOT_NAME = "hub", "cache", "tradeoff.png"
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
+VALIDATION = "validation: "  # how a recipe profile's ``split`` starts; the rest says which images
 DESCRIPTION = (
     "Fit decision gates to a trained timm classifier, calibrate threshold profiles on validation data, "
     "measure them on a held-out test split, and save a loadable folder (timm_dgate.from_pretrained)."
@@ -155,17 +156,40 @@ def weights_identity(args: argparse.Namespace) -> str:
 def calibrate_profiles(
     model: GatedModel,
     cache: FeatureCache,
+    val: SplitData,
     max_drop: Sequence[float],
     max_gflops: Sequence[float],
     confidence: float | None = None,
 ) -> list[Profile]:
-    """One profile per target (drops in points), named ``drop-<pt>pt`` / ``gflops-<G>``; the first is active."""
+    """One profile per target (drops in points), named ``drop-<pt>pt`` / ``gflops-<G>``; the first is active.
+
+    Each records which images chose it (``validation: <source>``), for :func:`check_same_holdout`.
+    """
+    split = f"{VALIDATION}{val.source}"
     profiles = [
-        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt") for d in max_drop
+        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt", split=split)
+        for d in max_drop
     ]
-    profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}") for g in max_gflops]
+    profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}", split=split) for g in max_gflops]
     model.use_profile(profiles[0].name)
     return profiles
+
+
+def check_same_holdout(profiles: Iterable[Profile], data: RecipeData) -> None:
+    """Refuse a validation hold-out of train other than the one the gates were fit without.
+
+    Another seed or fraction would calibrate on images the gates trained on, and thresholds
+    chosen there are too optimistic. Folders whose profiles do not say where they came from pass.
+    """
+    holdout = data.holdout()
+    recorded = sorted({p.split.removeprefix(VALIDATION) for p in profiles if p.split.startswith(VALIDATION)})
+    if holdout is None or not recorded or any(source.startswith(holdout) for source in recorded):
+        return
+    raise InputError(
+        f"this folder's profiles were calibrated on {' / '.join(recorded)}, but these arguments hold out "
+        f"{holdout}, which contains images the gates were fit on; pass the fit's --seed and --val-fraction, "
+        "or a validation split of its own with --val-split"
+    )
 
 
 class FeatureStore:
@@ -253,7 +277,9 @@ def run_fit(args: argparse.Namespace) -> int:
     held_out = {name: gather_cache(caches[name], accelerator) for name in ("validation", "test") if name in caches}
     if not accelerator.is_main_process:
         return 0
-    profiles = calibrate_profiles(gated, held_out["validation"], args.max_drop, args.max_gflops, args.confidence)
+    profiles = calibrate_profiles(
+        gated, held_out["validation"], splits["validation"], args.max_drop, args.max_gflops, args.confidence
+    )
     test_report = None
     if "test" in splits:
         test_report = evaluate(gated, data.loader(splits["test"]), split=args.test_split,
