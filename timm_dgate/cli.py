@@ -74,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     val = data.splits(need_test=False)["validation"]
     print(f"calibrating on {len(val)} validation images ({val.source})")
     cache = cache_features(gated, data.loader(val), split="validation")
-    profiles = calibrate_profiles(gated, cache, val, args.max_drop, args.max_gflops, args.confidence)
+    profiles = calibrate_profiles(gated, cache, val.source, args.max_drop, args.max_gflops, args.confidence)
     print(profiles_table(profiles))
     backbone = json.loads((Path(args.folder) / CONFIG_NAME).read_text())["backbone"]
     out = gated.save_pretrained(

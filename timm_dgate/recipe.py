@@ -156,7 +156,7 @@ def weights_identity(args: argparse.Namespace) -> str:
 def calibrate_profiles(
     model: GatedModel,
     cache: FeatureCache,
-    val: SplitData,
+    source: str,
     max_drop: Sequence[float],
     max_gflops: Sequence[float],
     confidence: float | None = None,
@@ -165,7 +165,7 @@ def calibrate_profiles(
 
     Each records which images chose it (``validation: <source>``), for :func:`check_same_holdout`.
     """
-    split = f"{VALIDATION}{val.source}"
+    split = f"{VALIDATION}{source}"
     profiles = [
         calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt", split=split)
         for d in max_drop
@@ -278,7 +278,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if not accelerator.is_main_process:
         return 0
     profiles = calibrate_profiles(
-        gated, held_out["validation"], splits["validation"], args.max_drop, args.max_gflops, args.confidence
+        gated, held_out["validation"], splits["validation"].source, args.max_drop, args.max_gflops, args.confidence
     )
     test_report = None
     if "test" in splits:
