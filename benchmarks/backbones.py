@@ -56,7 +56,7 @@ def record(name: str, model: nn.Module, val: TensorDataset, test: TensorDataset,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from timm_dgate.demo.data import load_splits
+    from timm_dgate.fashion_mnist import load_splits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True)

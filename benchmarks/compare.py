@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 from timm_dgate import FeatureCache, cache_features, wrap
 from timm_dgate.calibrate import ExitTable
-from timm_dgate.demo.data import TensorBatches, load_splits
+from timm_dgate.fashion_mnist import TensorBatches, load_splits
 from timm_dgate.demo.pipeline import DROPS
 
 # its stage 2 runs the backbone every step (the dominant cost here); its own default is 20 epochs

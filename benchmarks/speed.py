@@ -27,7 +27,7 @@ from executor import machine, measure, paired_ratio
 
 import timm_dgate
 from timm_dgate import GatedModel
-from timm_dgate.demo.data import load_splits, preprocess
+from timm_dgate.fashion_mnist import load_splits, preprocess
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.flops import GateCosts, count_flops
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .conftest import batches, tiny_gated
+from .helpers import batches, tiny_gated
 
 WORKER = Path(__file__).parent / "workers" / "fit_worker.py"
 # Two processes sum their gradients in another order than one process does: float32

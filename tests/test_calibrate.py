@@ -9,10 +9,10 @@ import torch
 
 import timm_dgate
 from timm_dgate.cache import cache_features
-from timm_dgate.calibrate import ExitTable, Target, search_thresholds
+from timm_dgate.calibration import ExitTable, Target, search_thresholds
 from timm_dgate.flops import GateCosts
 
-from .conftest import batches, tiny_gated
+from .helpers import batches, tiny_gated
 
 COSTS = GateCosts(to_gate=(1e8, 2e8, 3e8), gate=(2e5, 4e5, 8e5), backbone=4e8)
 
@@ -95,8 +95,11 @@ def test_flops_budget_is_met(seed):
 def test_a_target_must_be_single_and_sane():
     with pytest.raises(ValueError, match="exactly one target"):
         Target(max_drop=0.01, max_gflops=1.0)
-    with pytest.raises(ValueError, match="max_drop must be >= 0"):
-        Target(max_drop=-0.1)
+    for bad in (dict(max_drop=-0.1), dict(max_drop=5), dict(min_accuracy=1.5), dict(min_accuracy=1.0)):
+        with pytest.raises(ValueError, match=r"is a fraction in \[0, 1\).*0\.005 is half a point"):
+            Target(**bad)
+    with pytest.raises(ValueError, match="max_gflops must be positive"):
+        Target(max_gflops=0)
     with pytest.raises(ValueError, match="confidence applies to accuracy targets"):
         Target(max_gflops=1.0, confidence=0.9)
     with pytest.raises(ValueError, match=r"confidence must be in \[0.5, 1\)"):

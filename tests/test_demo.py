@@ -8,8 +8,9 @@ import pytest
 
 import timm_dgate
 from timm_dgate.demo.backbone import accuracy, cached_backbone
-from timm_dgate.demo.data import load_splits
-from timm_dgate.demo.pipeline import DROPS, DemoConfig, accuracy_at, run_demo
+from timm_dgate.demo.pipeline import DROPS, DemoConfig, run_demo
+from timm_dgate.fashion_mnist import load_splits
+from timm_dgate.reports import accuracy_at
 
 
 def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from timm_dgate.cache import FeatureCache, cache_features
-from timm_dgate.fit import fit
+from timm_dgate.training import fit
 
-from .conftest import batches, tiny_gated
+from .helpers import batches, tiny_gated
 
 
 def _backbone_state(gated) -> dict[str, torch.Tensor]:

@@ -7,26 +7,25 @@ client calls); pushing is checked at huggingface_hub's commit call, which is int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
-from urllib.parse import unquote, urlsplit
 
 import huggingface_hub
 import pytest
 import timm
 import torch
-from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from torch import nn
 
 import timm_dgate
-from timm_dgate.hub import HubFormatError
+from timm_dgate import HubFormatError
+from timm_dgate.hub import backbone_args
+
+from .helpers import hooks
+from .hub_server import FakeHub
 
 SIZE = 64
 BATCH = 24
@@ -73,7 +72,7 @@ def make_gated(kind: str, seed: int = 0, model: nn.Module | None = None) -> tupl
     )
     gated.add_profile(timm_dgate.Profile(name="closed", thresholds=[math.inf] * gated.num_gates))
     gated.use_profile("eager")
-    gated.gate_loss = "ce"
+    gated.config = gated.config.replace(gate_loss="ce")  # as if fit(loss="ce") had trained them
     return gated, x
 
 
@@ -125,10 +124,6 @@ def no_pickle(monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
 
 
-def hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
-
-
 # ---- save and load a folder ----------------------------------------------------------------------
 
 
@@ -150,7 +145,7 @@ def test_save_then_load_gives_the_same_model(tmp_path, kind):
     loaded = timm_dgate.from_pretrained(folder)
     assert not loaded.training
     assert_same_model(gated, loaded, x)
-    assert loaded.model_args == json.loads(json.dumps(timm_dgate.hub.backbone_args(gated)))
+    assert loaded.config.model_args == json.loads(json.dumps(backbone_args(gated.base_model, gated.config.model_args)))
 
     # the backbone folder is timm's own: the plain model loads with timm alone
     plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -186,7 +181,7 @@ def test_model_args_that_contradict_the_model_or_are_not_json_are_refused(tmp_pa
     gated = timm_dgate.wrap(model, input_size=(1, SIZE, SIZE), model_args={"num_classes": 5})
     with pytest.raises(ValueError, match="num_classes=5 disagrees"):
         gated.save_pretrained(tmp_path)
-    gated.model_args = {"act_layer": nn.ReLU}
+    gated.config = gated.config.replace(model_args={"act_layer": nn.ReLU})
     with pytest.raises(HubFormatError, match=r"argument act_layer=.* cannot be saved as JSON"):
         gated.save_pretrained(tmp_path)
 
@@ -217,97 +212,11 @@ def test_attach_to_an_existing_model(tmp_path):
 # ---- loading by Hub id, through huggingface_hub's download code ------------------------------------
 
 
-class FakeHub:
-    """A local stand-in for the Hub (there is no network here): serves folders as repos at one commit each.
-
-    Answers what huggingface_hub 2.4's ``snapshot_download``/``hf_hub_download`` ask for:
-    ``GET /api/models/{repo}/revision/{rev}`` (the commit), ``GET /api/models/{repo}/tree/{commit}``
-    (the file list) and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` with the headers the client
-    requires (``X-Repo-Commit``, ``ETag``, ``Content-Length``). Bound to 127.0.0.1, shut down by
-    the fixture and, at the latest, by a timer.
-    """
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict[str, tuple[str, Path]]] = {}  # repo -> revision -> (commit, folder)
-        self.requests: list[str] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hub.serve(self, body=True)
-
-            def do_HEAD(self) -> None:
-                hub.serve(self, body=False)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.timer = threading.Timer(120, self.server.shutdown)
-
-    def add(self, repo: str, folder: Path, revision: str = "main") -> None:
-        commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
-        self.repos.setdefault(repo, {})[revision] = (commit, folder)
-
-    def commit(self, repo: str, revision: str = "main") -> str:
-        return self.repos[repo][revision][0]
-
-    def _lookup(self, repo: str, rev: str) -> tuple[str, Path] | None:
-        for commit, folder in self.repos.get(repo, {}).values():
-            if rev == commit:
-                return commit, folder
-        return self.repos.get(repo, {}).get(rev)
-
-    def serve(self, request: BaseHTTPRequestHandler, body: bool) -> None:
-        path = unquote(urlsplit(request.path).path)
-        self.requests.append(f"{request.command} {path}")
-        parts = path.strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
-            found = self._lookup("/".join(parts[2:4]), parts[5])
-            if found is None:
-                return self._send(request, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, body)
-            commit, folder = found
-            files = sorted(p for p in folder.iterdir() if p.is_file())
-            if parts[4] == "revision":
-                info = {"id": "/".join(parts[2:4]), "sha": commit, "siblings": [{"rfilename": p.name} for p in files]}
-            else:
-                info = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": _sha1(p)} for p in files]
-            return self._send(request, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
-        if len(parts) >= 5 and parts[2] == "resolve":
-            found = self._lookup("/".join(parts[:2]), parts[3])
-            if found is None:
-                return self._send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, body)
-            commit, folder = found
-            file = folder / "/".join(parts[4:])
-            if not file.is_file():
-                return self._send(request, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, body)
-            data = file.read_bytes()
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-            return self._send(request, 200, data, headers, body)
-        return self._send(request, 404, b"", {}, body)
-
-    @staticmethod
-    def _send(request: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict, body: bool) -> None:
-        request.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(data))}.items():
-            request.send_header(key, value)
-        request.end_headers()
-        if body:
-            request.wfile.write(data)
-
-
-def _sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """huggingface_hub pointed at a FakeHub, with its cache in tmp_path; online until a test says otherwise."""
     hub = FakeHub()
     hub.thread.start()
-    hub.timer.start()
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -315,7 +224,6 @@ def fake_hub(tmp_path, monkeypatch):
     try:
         yield hub
     finally:
-        hub.timer.cancel()
         hub.server.shutdown()
         hub.server.server_close()
 
@@ -396,34 +304,6 @@ def test_revision_selects_what_is_loaded(tmp_path, fake_hub):
 
 
 # ---- push_to_hub: what would be committed ----------------------------------------------------------
-
-
-@pytest.fixture
-def intercepted_hub(monkeypatch):
-    """Intercepts HfApi.create_repo / create_branch / create_commit (there is no network here) and records them.
-
-    Offline mode is on, so any other request huggingface_hub tried to make would fail the test.
-    """
-    calls = SimpleNamespace(repo=None, branch=None, commit=None, files={})
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.repo = dict(repo_id=repo_id, token=self.token, **kwargs)
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_branch(self, repo_id, **kwargs):
-        calls.branch = dict(repo_id=repo_id, **kwargs)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        operations = list(operations)
-        calls.commit = dict(repo_id=repo_id, token=self.token, **kwargs)
-        calls.files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        return SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/0")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    return calls
 
 
 def test_push_to_hub_commits_the_saved_folder(tmp_path, intercepted_hub):
@@ -530,8 +410,9 @@ def test_refuses_a_newer_format_version(saved):
         ("dgate_config.json", "{not json", "dgate_config.json .* is not valid JSON"),
         ("dgate_config.json", '{"format_version": 1}', "dgate_config.json lacks architecture, num_classes"),
         ("dgate_config.json", "gates", "gates must be a list of objects with name, module, num_chs, layout"),
-        ("profiles.json", '{"profiles": [{"name": "x"}]}', "profiles.json is not a list of profiles"),
-        ("profiles.json", '{"profiles": [{"name": "x", "thresholds": [1, 2]}]}', "'x' has 2 thresholds for 3 gates"),
+        ("profiles.json", '{"profiles": [{"name": "x"}]}', "profile 'x' needs a name and thresholds"),
+        ("profiles.json", '{"profiles": [{"name": "x", "thresholds": [1, 2]}]}',
+         "profile 'x': 2 thresholds for 3 gates"),
     ],
 )
 def test_refuses_a_bad_config_or_profiles_file(saved, name, text, message):

@@ -21,7 +21,7 @@ from PIL import Image
 
 import timm_dgate
 from timm_dgate import cli, recipe
-from timm_dgate.demo.data import load_splits
+from timm_dgate.fashion_mnist import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "test_resnet", "--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
@@ -63,10 +63,10 @@ def fitted(tmp_path_factory, image_folder, checkpoint) -> Path:
 
 
 def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, image_folder, checkpoint, monkeypatch,
-                                                                  capsys):
+                                                                  intercepted_hub, capsys):
     argv = [*MODEL, "--initial-checkpoint", str(checkpoint), "--data-dir", str(image_folder),
             "--val-split", "validation", "--max-drop", "0.5", "--output", str(tmp_path), *FAST]
-    assert recipe.main(argv) == 0
+    assert cli.fit_main(argv) == 0
     first = capsys.readouterr().out
     assert "validation: 100 images (validation)" in first and "No --test-split" in (tmp_path / "results.md").read_text()
     gated = timm_dgate.from_pretrained(tmp_path / "hub")
@@ -76,10 +76,10 @@ def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, imag
         raise AssertionError("the backbone ran although every split was cached")
 
     monkeypatch.setattr(recipe, "cache_features", no_backbone)
-    pushed = {}
-    monkeypatch.setattr(timm_dgate.GatedModel, "push_to_hub", lambda self, repo, **kw: pushed.update(kw, repo=repo))
-    assert recipe.main([*argv, "--gate-loss", "ce", "--max-drop", "1", "--push-to-hub", "org/ce-gates"]) == 0
-    assert pushed["repo"] == "org/ce-gates" and pushed["tradeoff_plot"] == tmp_path / "tradeoff.png"
+    assert cli.fit_main([*argv, "--gate-loss", "ce", "--max-drop", "1", "--push-to-hub", "org/ce-gates"]) == 0
+    assert intercepted_hub.repo["repo_id"] == "org/ce-gates"  # the real push, intercepted at its HTTP calls
+    assert intercepted_hub.files["tradeoff.png"] == (tmp_path / "tradeoff.png").read_bytes()
+    assert intercepted_hub.files["profiles.json"] == (tmp_path / "hub" / "profiles.json").read_bytes()
     assert capsys.readouterr().out.count("reusing cached") == 2  # train and validation
     gated = timm_dgate.from_pretrained(tmp_path / "hub")
     assert list(gated.profiles) == ["drop-1pt"] and gated.exit_score == "softmax"
@@ -95,7 +95,7 @@ def test_fit_subcommand_holds_out_validation_and_saves_a_loadable_folder(fitted)
     assert gated.base_model.pretrained_cfg["input_size"] == (1, 32, 32)  # preprocessing travels with the folder
 
 
-def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folder, monkeypatch, capsys):
+def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folder, intercepted_hub, capsys):
     data = ["--data-dir", str(image_folder), "--val-fraction", "0.25", "-j", "0"]
     copy = tmp_path / "copy"
     calibrate = ["calibrate", str(fitted / "hub"), *data, "--max-drop", "2", "--confidence", "0.9"]
@@ -110,20 +110,21 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
     table = capsys.readouterr().out
     assert "| 1 | drop-0pt |" in table and "| 16 | drop-2pt |" in table
 
-    pushed = {}
-    monkeypatch.setattr(timm_dgate.GatedModel, "push_to_hub", lambda self, repo, **kw: pushed.update(kw, repo=repo))
     assert cli.main(["push", str(copy), "org/test-dgate", "--private"]) == 0
-    assert pushed["repo"] == "org/test-dgate" and pushed["private"] is True and pushed["include_backbone"] is True
-    assert pushed["tradeoff_plot"] is None  # the copy has no plot; the fit folder has one
+    calls = intercepted_hub
+    assert calls.repo["repo_id"] == "org/test-dgate" and calls.repo["private"] is True
+    assert {"config.json", "model.safetensors", "dgate_config.json"} <= set(calls.files)  # the backbone goes too
+    assert "tradeoff.png" not in calls.files  # the copy has no plot; the fit folder has one
+    assert calls.files["profiles.json"] == (copy / "profiles.json").read_bytes()
     assert cli.main(["push", str(fitted / "hub"), "org/test-dgate"]) == 0
-    assert pushed["tradeoff_plot"].name == "tradeoff.png"
+    assert calls.files["tradeoff.png"] == (fitted / "hub" / "tradeoff.png").read_bytes()
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["fit", *MODEL, "--data-dir", "/no/such/dir"], "does not exist"),
-        (["fit", *MODEL[:2], "--num-classes", "0", "--data-dir", "{images}"], "no classifier"),
+        (["fit", *MODEL[:2], "--num-classes", "-3", "--data-dir", "{images}"], "--num-classes must be positive"),
         (["fit", *MODEL, "--data-dir", "{images}", "--gates", "layer9"], "unknown gate position"),
         (["fit", *MODEL, "--data-dir", "{images}", "--val-split", "holdout"], "split 'holdout' not found"),
         (["fit", *MODEL, "--data-dir", "{images}", "--val-split", "validation", "--test-split", "validation"],
@@ -131,7 +132,8 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
         (["fit", *MODEL, "--data-dir", "{images}", "--initial-checkpoint", "/no/such.pth"], "not a file"),
         (["fit", *MODEL, "--dataset", "torch/fashion_mnist", "--val-split", "validation", "--test-split", "test"],
          "only train and test"),
-        (["calibrate", "{fitted}", "--data-dir", "{images}", "--max-drop", "-1"], "must be >= 0"),
+        (["calibrate", "{fitted}", "--data-dir", "{images}", "--max-drop", "-1"],
+         "--max-drop values are points in [0, 100)"),
         (["calibrate", "{fitted}", "--data-dir", "{images}", "--confidence", "95"], "--confidence must be in"),
         (["calibrate", "{fitted}", "--data-dir", "{images}"], "0.1 of 'train' held out (seed 42), which contains "
          "images the gates were fit on"),  # the fit held out 0.25

@@ -1,31 +1,37 @@
-"""timm_dgate: decision gates that make any trained timm classifier cheaper to run."""
+"""timm_dgate: decision gates that make any trained timm classifier cheaper to run.
+
+The data path is ``wrap -> fit -> calibrate -> forward -> save_pretrained / from_pretrained``;
+docs/architecture.md maps the modules behind it.
+"""
 
 from .cache import FeatureCache, cache_features
-from .calibrate import Target, calibrate, tradeoff_curve
-from .discovery import Boundary, UnsupportedModelError, family_of, register_family
+from .calibration import ExitTable, calibrate, tradeoff_curve
+from .config import DGateConfig
+from .discovery import Boundary, family_of, register_family
 from .engine import ExitResult
-from .evaluate import EvalReport, evaluate
-from .fit import FitReport, fit
+from .errors import CalibrationError, HubFormatError, UnsupportedModelError
+from .evaluation import EvalReport, evaluate
 from .flops import GateCosts
 from .gates import DecisionGate
-from .hub import HubFormatError, from_pretrained
-from .model import GatedModel, stages, wrap
+from .model import GatedModel, from_pretrained, stages, wrap
 from .profiles import Profile
-
-__version__ = "0.1.0"
+from .training import FitReport, fit
+from .version import __version__
 
 __all__ = [
     "Boundary",
+    "CalibrationError",
+    "DGateConfig",
     "DecisionGate",
     "EvalReport",
     "ExitResult",
+    "ExitTable",
     "FeatureCache",
     "FitReport",
     "GateCosts",
     "GatedModel",
     "HubFormatError",
     "Profile",
-    "Target",
     "UnsupportedModelError",
     "__version__",
     "cache_features",

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .evaluate import time_side_by_side
-from .model import GatedModel
+from .evaluation import kept_state
+from .timing import interleaved, per_image
+
+if TYPE_CHECKING:
+    from .model import GatedModel
 
 
 @dataclass
@@ -32,25 +36,20 @@ class Throughput:
 def throughput(
     model: GatedModel, images: torch.Tensor, batch_sizes: Sequence[int], profiles: Sequence[str], repeats: int = 3
 ) -> list[Throughput]:
-    """Images/s of each profile and of the plain model on ``images``, cut into batches of each size."""
-    model.eval()
-    active = model.active_profile
+    """Images/s of each profile and of the plain model on ``images``, cut into batches of each size.
+
+    The model's thresholds, active profile and mode are left as they were.
+    """
     rows = []
-    for size in batch_sizes:
-        batches = list(images.split(size))
-        for name in profiles:
-            model.use_profile(name)
-            gated_s, plain_s = time_side_by_side(model, model.base_model, batches, repeats)
-            rows.append(Throughput(size, name, 1 / gated_s, 1 / plain_s))
-    if active is not None:
-        model.use_profile(active)
+    with kept_state(model):
+        model.eval()
+        for size in batch_sizes:
+            batches = list(images.split(size))
+            for name in profiles:
+                model.use_profile(name)
+                seconds = interleaved({"gated": (model, batches), "plain": (model.base_model, batches)}, repeats)
+                rows.append(
+                    Throughput(size, name, 1 / per_image(seconds["gated"], batches),
+                               1 / per_image(seconds["plain"], batches))
+                )
     return rows
-
-
-def format_throughput(rows: Sequence[Throughput]) -> str:
-    lines = ["| batch size | profile | images/s | plain images/s | speed-up |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {r.batch_size} | {r.profile} | {r.images_per_s:.1f} | {r.plain_images_per_s:.1f} | {r.speedup:.2f}x |"
-        for r in rows
-    ]
-    return "\n".join(lines)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 DEFAULT_MAX_MEMORY = 4 * 2**30
 
@@ -114,6 +115,15 @@ class _Column:
         return torch.from_numpy(np.asarray(array))
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Class indices in ``[0, num_classes)``: anything else would silently score against the wrong class."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"label {bad} is outside [0, {num_classes}): the model has num_classes={num_classes}")
+
+
 @torch.no_grad()  # not inference_mode: cached tensors feed autograd when gates train
 def cache_features(
     model: torch.nn.Module,
@@ -129,9 +139,11 @@ def cache_features(
     columns: list[_Column] | None = None
     held = 0
     device = next(model.parameters()).device
-    for images, labels in tqdm(loader, desc=f"caching {split} features", disable=not progress, leave=False):
-        pooled, logits = model.forward_pooled(images.to(device))
-        values = [*pooled, logits, labels]
+    for images, labels in progress_bar(loader, f"caching {split} features", enabled=progress):
+        labels = torch.as_tensor(labels)
+        check_labels(labels, model.num_classes)
+        pooled, logits = model.forward_pooled(images.to(device, _param_dtype(model)))
+        values = [*(p.float() for p in pooled), logits.float(), labels]
         if columns is None:
             columns = [_Column(spill_path) for _ in values]
         for column, value in zip(columns, values):
@@ -146,12 +158,9 @@ def cache_features(
     return FeatureCache(features, logits, labels.long(), split)
 
 
-def merge(caches: list[FeatureCache]) -> FeatureCache:
-    """Concatenate caches (e.g. the shards of several processes) into one."""
-    features = [torch.cat([c.features[k] for c in caches]) for k in range(len(caches[0].features))]
-    return FeatureCache(
-        features, torch.cat([c.logits for c in caches]), torch.cat([c.labels for c in caches]), caches[0].split
-    )
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Images go in at the model's dtype (a bf16 model takes bf16 input); cached features are float32."""
+    return next(model.parameters()).dtype
 
 
 def cache_key(**parts: object) -> str:

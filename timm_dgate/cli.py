@@ -1,15 +1,36 @@
-"""The ``timm-dgate`` command line."""
+"""The ``timm-dgate`` command line and ``recipes/fit.py``: parse flags into configs, run, report user errors.
+
+A user error (:mod:`timm_dgate.errors`) ends the program like an argparse error: one line on
+stderr and exit code 2, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import InputError, report_errors
+from .arguments import (
+    DESCRIPTION,
+    add_data_arguments,
+    add_fit_arguments,
+    add_target_arguments,
+    build_fit_parser,
+    check_fit_arguments,
+    check_target_arguments,
+)
+from .errors import CalibrationError, HubFormatError, InputError, UnsupportedModelError
+
+
+def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> int:
+    """Run ``call``; a user error ends the program like an argparse error: one line, exit code 2, no traceback."""
+    try:
+        return call()
+    except (InputError, UnsupportedModelError, HubFormatError, CalibrationError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -34,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _stages(args: argparse.Namespace) -> int:
     import timm
 
-    from . import stages, wrap
+    from .model import stages, wrap
 
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).eval()
     input_size = tuple(args.input_size) if args.input_size else None
@@ -54,38 +75,38 @@ def _stages(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """The saved gated model and its data, preprocessed as the backbone's saved config says."""
-    from .datasets import RecipeData, data_config
-    from .hub import from_pretrained
+    from .datasets import DataConfig, RecipeData, data_config
+    from .model import GatedModel
 
-    gated = from_pretrained(args.folder)
+    gated = GatedModel.from_pretrained(args.folder)
     unknown = [p for p in getattr(args, "profile", None) or [] if p not in gated.profiles]
     if unknown:
         raise InputError(f"{args.folder} has no profile {', '.join(unknown)}; it has: {', '.join(gated.profiles)}")
-    return gated, RecipeData(args, data_config(gated.base_model, gated.input_size))
+    return gated, RecipeData(DataConfig.from_args(args), data_config(gated.base_model, gated.input_size))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .cache import cache_features
-    from .hub import CONFIG_NAME, profiles_table
-    from .recipe import calibrate_profiles, check_same_holdout
+    from .calibration import calibrate_targets
+    from .datasets import VALIDATION
+    from .reports import profiles_table
 
     gated, data = _load(args)
-    check_same_holdout(gated.profiles.values(), data)
+    data.check_same_holdout(gated.profiles.values())
     val = data.splits(need_test=False)["validation"]
     print(f"calibrating on {len(val)} validation images ({val.source})")
     cache = cache_features(gated, data.loader(val), split="validation")
-    profiles = calibrate_profiles(gated, cache, val.source, args.max_drop, args.max_gflops, args.confidence)
-    print(profiles_table(profiles))
-    backbone = json.loads((Path(args.folder) / CONFIG_NAME).read_text())["backbone"]
-    out = gated.save_pretrained(
-        args.output or args.folder, base_model=backbone["hub_id"], include_backbone=backbone["source"] == "folder"
+    profiles = calibrate_targets(
+        gated, cache, f"{VALIDATION}{val.source}", args.max_drop, args.max_gflops, args.confidence
     )
+    print(profiles_table(profiles))
+    out = gated.save_pretrained(args.output or args.folder)  # gates-only stays gates-only (the config says)
     print(f"saved {len(gated.profiles)} profiles to {out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     gated, data = _load(args)
     test = data.test()
@@ -100,7 +121,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import format_throughput, throughput
+    from .bench import throughput
+    from .reports import throughput_table
 
     gated, data = _load(args)
     split = data.test() if args.test_split else data.splits(need_test=False)["validation"]
@@ -109,20 +131,19 @@ def _bench(args: argparse.Namespace) -> int:
     if not names:
         raise InputError(f"{args.folder} has no threshold profiles to time; run `timm-dgate calibrate` first")
     print(f"{len(images)} {split.name} images ({split.source}); profiles: {', '.join(names)}\n")
-    print(format_throughput(throughput(gated, images, args.batch_sizes, names, args.repeats)))
+    print(throughput_table(throughput(gated, images, args.batch_sizes, names, args.repeats)))
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import CONFIG_NAME, PLOT_NAME, from_pretrained
+    from .hub import PLOT_NAME
+    from .model import GatedModel
 
     folder = Path(args.folder)
-    gated = from_pretrained(folder)  # checks every file before anything is uploaded
-    backbone = json.loads((folder / CONFIG_NAME).read_text())["backbone"]
+    gated = GatedModel.from_pretrained(folder)  # checks every file before anything is uploaded
     plot = folder / PLOT_NAME
     info = gated.push_to_hub(
         args.repo_id, private=args.private or None, revision=args.revision, token=args.token,
-        base_model=backbone["hub_id"], include_backbone=backbone["source"] == "folder",
         tradeoff_plot=plot if plot.is_file() else None,
     )
     print(f"pushed {folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
@@ -130,22 +151,17 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .recipe import run_fit
+    from .recipe import RecipeConfig, run_fit
 
-    return run_fit(args)
+    return run_fit(RecipeConfig.from_args(args))
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .datasets import check_data_arguments
-
-    check_data_arguments(parser, args)
     if not Path(args.folder).is_dir():
         parser.error(f"{args.folder} is not a folder saved by save_pretrained or `timm-dgate fit`")
 
 
 def _check_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .recipe import check_target_arguments
-
     _check_data(parser, args)
     check_target_arguments(parser, args)
 
@@ -163,8 +179,6 @@ def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _folder_command(sub, name: str, help: str, test_split: str = ""):
-    from .datasets import add_data_arguments
-
     command = sub.add_parser(name, help=help, description=help)
     command.add_argument("folder", help="a gated model folder (save_pretrained, or OUTPUT/hub of `timm-dgate fit`)")
     add_data_arguments(command, test_split=test_split)
@@ -193,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     stages_cmd.add_argument("--num-classes", type=int, default=1000)
     stages_cmd.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     stages_cmd.set_defaults(func=_stages)
-
-    from .recipe import DESCRIPTION, add_fit_arguments, add_target_arguments, check_fit_arguments
 
     fit_cmd = sub.add_parser("fit", help="the fit recipe (recipes/fit.py): fit, calibrate, evaluate, save",
                              description=DESCRIPTION)
@@ -232,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.set_defaults(parser=command)  # errors are reported as the subcommand's
     return parser
+
+
+def fit_main(argv: Sequence[str] | None = None) -> int:
+    """``recipes/fit.py``: the fit recipe on its own."""
+    parser = build_fit_parser()
+    args = parser.parse_args(argv)
+    check_fit_arguments(parser, args)
+    return report_errors(parser, lambda: _fit(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,18 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from timm.layers import Format
 from torch import nn
 
-LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
+from .errors import UnsupportedModelError
 
-
-class UnsupportedModelError(ValueError):
-    """A model, or one of its boundaries, cannot carry a decision gate."""
-
-    def __init__(self, model: str, reason: str, boundary: str | None = None):
-        where = f"{model}, boundary '{boundary}'" if boundary is not None else model
-        super().__init__(f"timm_dgate cannot gate {where}: {reason}")
-        self.model, self.boundary, self.reason = model, boundary, reason
+# timm's feature formats a gate can read, plus "NC" for a stage that already emits pooled features
+LAYOUTS = (Format.NCHW.value, Format.NHWC.value, Format.NLC.value, "NC")
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,21 @@ samples that leave, records them, and hands the rest of timm's own forward a sma
 batch. When no sample is left it raises :class:`_AllExited`, so the later stages never
 run. There is no Python loop over samples and one host synchronisation per open gate (to
 learn how many samples stay).
+
+The state of a running forward belongs to that call: it sits in a context variable (one per
+thread, and per asyncio task), and a hook acts only for the engine whose forward is running
+in the current context. So a plain call of the same timm model in another thread, a second
+engine on the same model, or any number of threads calling one gated model each see exactly
+what they would see alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -70,33 +78,45 @@ class _CollectRun:
         self.outputs[k].append(self.fn(k, output))
 
 
+# engine id -> the run of that engine's forward in progress in this context (thread / task)
+_RUNS: ContextVar[Mapping[int, _ExitRun | _CollectRun]] = ContextVar(
+    "timm_dgate_runs", default=MappingProxyType({})
+)
+
+
 class ExitEngine:
     """Hooks ``modules`` of ``model`` so a forward can drop samples at each of them."""
 
     def __init__(self, model: nn.Module, modules: Sequence[str]):
         self.model = model
         self.modules = list(modules)
-        self._run: _ExitRun | _CollectRun | None = None
-        self._handles = [
-            model.get_submodule(name).register_forward_hook(partial(self._hook, k))
+        # hook ids, not handles: a deep copy of the model keeps the ids, so its copy of the engine removes its own
+        self._hook_ids = [
+            model.get_submodule(name).register_forward_hook(partial(self._hook, k)).id
             for k, name in enumerate(self.modules)
         ]
 
+    @property
+    def attached(self) -> bool:
+        return bool(self._hook_ids)
+
     def _hook(self, k: int, module: nn.Module, args: object, output: object) -> torch.Tensor | None:
-        if self._run is None:  # the timm model was called directly: stay out of the way
+        run = _RUNS.get().get(id(self))
+        if run is None:  # a plain call of the timm model, or another engine's forward: stay out of the way
             return None
-        return self._run.boundary(k, output)
+        return run.boundary(k, output)
 
     def _forward(self, run: _ExitRun | _CollectRun, x: torch.Tensor) -> torch.Tensor | None:
-        if self._run is not None:
-            raise RuntimeError("timm_dgate: a gated forward is already running on this model")
-        self._run = run
+        runs = _RUNS.get()
+        if id(self) in runs:
+            raise RuntimeError("timm_dgate: the backbone called its own gated model from inside its forward")
+        token = _RUNS.set({**runs, id(self): run})
         try:
             return self.model(x)
         except _AllExited:
             return None
         finally:
-            self._run = None
+            _RUNS.reset(token)
 
     def exit_forward(self, x: torch.Tensor, decide: Decide) -> ExitResult:
         """Forward with early exits; rows come from the gate each sample left at, or the head."""
@@ -129,6 +149,6 @@ class ExitEngine:
 
     def remove(self) -> None:
         """Take the hooks off the model; it is a plain timm model again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for name, hook_id in zip(self.modules, self._hook_ids):
+            self.model.get_submodule(name)._forward_hooks.pop(hook_id, None)
+        self._hook_ids = []

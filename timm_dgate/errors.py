@@ -1,21 +1,27 @@
-"""Errors in what a user asked for, and how the command line reports them (a message and exit code 2)."""
+"""Every exception timm_dgate raises on purpose; the bottom of the import graph, importing nothing of ours.
+
+Each is a ``ValueError`` (the input, not the library, is wrong) whose message says what to change.
+"""
 
 from __future__ import annotations
-
-import argparse
-from collections.abc import Callable
 
 
 class InputError(ValueError):
     """The input cannot work as given (a missing folder, a bad checkpoint); the message says what to change."""
 
 
-def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> int:
-    """Run ``call``; a user error ends the program like an argparse error: one line, exit code 2, no traceback."""
-    from .discovery import UnsupportedModelError
-    from .hub import HubFormatError
+class UnsupportedModelError(ValueError):
+    """A model, or one of its boundaries, cannot carry a decision gate."""
 
-    try:
-        return call()
-    except (InputError, UnsupportedModelError, HubFormatError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    def __init__(self, model: str, reason: str, boundary: str | None = None):
+        where = f"{model}, boundary '{boundary}'" if boundary is not None else model
+        super().__init__(f"timm_dgate cannot gate {where}: {reason}")
+        self.model, self.boundary, self.reason = model, boundary, reason
+
+
+class HubFormatError(ValueError):
+    """A saved gated model cannot be loaded (or saved) as asked; the message names the file and the problem."""
+
+
+class CalibrationError(ValueError):
+    """A calibration target cannot be met on the validation data; the message names the best reachable value."""

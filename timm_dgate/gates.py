@@ -1,12 +1,14 @@
 """The decision gate: global pooling of a stage's features, then one linear layer.
 
 Each output of the linear layer is the signed distance ``d_c = w_c^T x - b_c`` of the sample
-to class c's one-vs-all boundary (DESIGN §1); a hinge-trained gate reads them as margins.
+to class c's one-vs-all decision boundary (Shafiee et al. 2019, section 3); a hinge-trained
+gate reads them as margins.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.layers import get_spatial_dim
 from torch import nn
 
 from .discovery import LAYOUTS
@@ -32,15 +34,11 @@ class FeaturePool(nn.Module):
         self.layout, self.pool, self.num_prefix_tokens = layout, pool, num_prefix_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "NCHW":
-            return x.mean((2, 3))
-        if self.layout == "NHWC":
-            return x.mean((1, 2))
+        if self.layout == "NC":
+            return x
         if self.layout == "NLC":
-            if self.pool == "token":
-                return x[:, 0]
-            return x[:, self.num_prefix_tokens :].mean(1)
-        return x
+            return x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens :].mean(1)
+        return x.mean(get_spatial_dim(self.layout))
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, pool={self.pool}"

@@ -15,7 +15,7 @@ DEFAULT_EXIT_SCORE = {"hinge": "margin", "ce": "softmax"}
 def multiclass_hinge(margins: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """``1/n sum_i sum_c max(0, 1 - y_ic d_ic)`` with ``y_ic = +1`` for the true class, ``-1`` otherwise.
 
-    Each class is its own one-vs-all soft-margin problem (DESIGN §1); the L2 term on the
+    Each class is its own one-vs-all soft-margin problem (the paper, section 3); the L2 term on the
     weights is added by the trainer, which owns them.
     """
     signs = torch.full_like(margins, -1.0)
@@ -29,10 +29,12 @@ def cross_entropy(margins: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(margins, labels, reduction=reduction)
 
 
+def check_gate_loss(kind: str) -> str:
+    if kind not in GATE_LOSSES:
+        raise ValueError(f"unknown gate loss {kind!r}; expected one of {GATE_LOSSES}")
+    return kind
+
+
 def gate_loss(kind: str) -> Callable[..., torch.Tensor]:
     """The loss function for ``kind`` (``hinge`` or ``ce``)."""
-    if kind == "hinge":
-        return multiclass_hinge
-    if kind == "ce":
-        return cross_entropy
-    raise ValueError(f"unknown gate loss {kind!r}; expected one of {GATE_LOSSES}")
+    return {"hinge": multiclass_hinge, "ce": cross_entropy}[check_gate_loss(kind)]

@@ -1,4 +1,10 @@
-"""``GatedModel``: a timm classifier with decision gates that really exit early."""
+"""``GatedModel``: a timm classifier with decision gates that really exit early, and ``wrap`` to make one.
+
+A GatedModel is a backbone plus a :class:`~timm_dgate.DGateConfig` (where the gates sit, how
+they pool, what they were trained with) plus run-time state: the thresholds in force and the
+named threshold profiles. ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` move all
+of it through the folder format of docs/hub.md (file I/O in ``timm_dgate.hub``).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import Boundary, UnsupportedModelError, candidate_boundaries, model_name, select_boundaries
+from . import hub
+from .calibration import calibrate
+from .config import DGateConfig
+from .discovery import Boundary, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult
+from .errors import HubFormatError, UnsupportedModelError
 from .flops import GateCosts, measure_costs
 from .gates import DecisionGate
+from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from .probe import default_input_size, probe_boundaries
-from .profiles import Profile
+from .profiles import Profile, decode_thresholds, encode_thresholds
 from .scores import check_exit_score, exit_score
 
 
@@ -27,56 +38,104 @@ class GatedModel(nn.Module):
     each row from the gate where that sample exited or from the model's own head. Samples
     that exit are removed from the batch at the stage boundary; when none is left the later
     stages do not run. Every gate starts closed (threshold ``inf``), so a freshly wrapped
-    model gives exactly the plain model's logits.
+    model gives exactly the plain model's logits. In train mode no sample exits.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        boundaries: Sequence[Boundary],
-        input_size: Sequence[int],
-        pool: str = "avg",
-        exit_score: str = "margin",
-        model_args: dict | None = None,
-    ):
+    def __init__(self, model: nn.Module, config: DGateConfig):
         super().__init__()
+        if isinstance(model, GatedModel):
+            raise UnsupportedModelError(model_name(model.base_model), "it is already gated (a GatedModel)")
         num_classes = require_classifier(model)
+        if num_classes != config.num_classes:
+            raise ValueError(f"the config is for {config.num_classes} classes; the model has {num_classes}")
         self.base_model = model
-        self.boundaries = tuple(boundaries)
-        self.input_size = tuple(int(s) for s in input_size)
-        self.num_classes = int(num_classes)
-        self.pool = pool
+        self.config = config
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.gates = nn.ModuleList(
-            DecisionGate(b.num_chs, self.num_classes, b.layout or "NCHW", pool if b.layout == "NLC" else "avg", prefix)
-            for b in self.boundaries
+            DecisionGate(b.num_chs, config.num_classes, b.layout, config.pool if b.layout == "NLC" else "avg", prefix)
+            for b in config.boundaries
         )
-        self.exit_score = check_exit_score(exit_score)
-        self.thresholds: tuple[float, ...] = (math.inf,) * len(self.boundaries)
+        self.thresholds: tuple[float, ...] = (math.inf,) * config.num_gates
         self.profiles: dict[str, Profile] = {}
         self.active_profile: str | None = None
         self.backbone_frozen = False
-        self.gate_loss = "hinge"  # what the gates were trained with; set by fit(), saved by save_pretrained()
-        self.model_args = dict(model_args) if model_args else None  # create_model kwargs timm did not record
         self._costs: GateCosts | None = None
-        self._engine = ExitEngine(model, [b.module for b in self.boundaries])
+        self._engine = ExitEngine(model, [b.module for b in config.boundaries])
+        self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
+
+    # ---- settings (read from the config) ----------------------------------------------------
+
+    @property
+    def boundaries(self) -> tuple[Boundary, ...]:
+        return self.config.boundaries
 
     @property
     def num_gates(self) -> int:
-        return len(self.gates)
+        return self.config.num_gates
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.config.input_size
+
+    @property
+    def pool(self) -> str:
+        return self.config.pool
+
+    @property
+    def exit_score(self) -> str:
+        """How gate outputs become one confidence per sample (``margin``, ``softmax``, ``entropy``)."""
+        return self.config.exit_score
+
+    @property
+    def gate_loss(self) -> str:
+        """What the gates were trained with (``hinge`` or ``ce``)."""
+        return self.config.gate_loss
+
+    def set_gate_loss(self, loss: str) -> None:
+        """Record what the gates were trained with; the exit score becomes that loss's natural one."""
+        self.config = self.config.replace(gate_loss=check_gate_loss(loss), exit_score=DEFAULT_EXIT_SCORE[loss])
+
+    # ---- timm's model API, answered by the backbone -------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's, so ``timm.data.resolve_model_data_config(gated)`` preprocesses as for the backbone."""
+        return self.base_model.pretrained_cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.base_model.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.base_model.get_classifier()
+
+    def reset_classifier(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "timm_dgate: the gates were trained for this head's classes; reset the classifier of the plain "
+            "model (gated.unwrap()) and wrap and fit again"
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features for every sample (no exits)."""
+        return self.base_model.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.base_model.forward_head(x, pre_logits=pre_logits)
 
     # ---- thresholds and profiles -------------------------------------------------------
 
     def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor, exit_score: str | None = None) -> None:
         """Set one threshold per gate (``inf`` closes it); takes effect on the next forward."""
-        values = tuple(float(t) for t in (thresholds.tolist() if isinstance(thresholds, torch.Tensor) else thresholds))
+        values = thresholds.tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
         if len(values) != self.num_gates:
             raise ValueError(f"expected {self.num_gates} thresholds (one per gate), got {len(values)}")
-        if any(math.isnan(t) for t in values):
-            raise ValueError(f"thresholds must not be NaN: {values}")
-        self.thresholds = values
+        self.thresholds = decode_thresholds(values)
         if exit_score is not None:
-            self.exit_score = check_exit_score(exit_score)
+            self.config = self.config.replace(exit_score=check_exit_score(exit_score))
         self.active_profile = None
 
     def close_gates(self) -> None:
@@ -106,8 +165,6 @@ class GatedModel(nn.Module):
 
     def calibrate(self, data: Any, **target: Any) -> Profile:
         """Choose thresholds on validation ``data`` and store them as a profile; see :func:`timm_dgate.calibrate`."""
-        from .calibrate import calibrate
-
         return calibrate(self, data, **target)
 
     # ---- running ----------------------------------------------------------------------
@@ -120,14 +177,24 @@ class GatedModel(nn.Module):
         return margins, exit_score(margins, self.exit_score) >= threshold
 
     def forward(self, x: torch.Tensor, return_exits: bool = False) -> torch.Tensor | ExitResult:
-        """Logits with early exits; with ``return_exits`` also each sample's exit (``num_gates`` = head)."""
-        if all(t == math.inf for t in self.thresholds) and not return_exits:
-            return self.base_model(x)
+        """Logits with early exits; with ``return_exits`` also each sample's exit (``num_gates`` = head).
+
+        In train mode no sample exits: the output is the backbone's (gate outputs stay available
+        through :meth:`forward_gates`).
+        """
+        self._check_attached()
+        if self.training or all(t == math.inf for t in self.thresholds):
+            if not return_exits:
+                return self.base_model(x)
+            logits = self.base_model(x)
+            return ExitResult(logits, torch.full((len(logits),), self.num_gates, dtype=torch.long, device=x.device))
+        _refuse_tracing()
         result = self._engine.exit_forward(x, self._decide)
         return result if return_exits else result.logits
 
     def forward_pooled(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One full backbone pass: every gate's pooled input features and the final logits."""
+        self._check_attached()
         outputs, logits = self._engine.collect(x, lambda k, out: self.gates[k].pool(out))
         return [o[0] for o in outputs], logits
 
@@ -135,6 +202,9 @@ class GatedModel(nn.Module):
         """One full backbone pass: every gate's margins for every sample, and the final logits."""
         pooled, logits = self.forward_pooled(x)
         return [gate.fc(p.to(gate.fc.weight.dtype)) for gate, p in zip(self.gates, pooled)], logits
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(_TRACING_MESSAGE.format(how="torch.jit.script"))
 
     # ---- training support ---------------------------------------------------------------
 
@@ -151,27 +221,58 @@ class GatedModel(nn.Module):
             self.base_model.eval()
         return self
 
+    # ---- state_dict carries the behaviour -------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Thresholds, exit score, profiles and the active profile travel in ``state_dict()``."""
+        return {
+            "gates": [b.module for b in self.boundaries],
+            "thresholds": encode_thresholds(self.thresholds),
+            "exit_score": self.exit_score,
+            "gate_loss": self.gate_loss,
+            "profiles": [p.to_dict() for p in self.profiles.values()],
+            "active_profile": self.active_profile,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mine = [b.module for b in self.boundaries]
+        if list(state.get("gates", [])) != mine:
+            raise ValueError(
+                f"this state dict is for gates at {list(state.get('gates', []))}; this model's gates are at {mine}"
+            )
+        profiles = [Profile.from_dict(p, self.num_gates) for p in state.get("profiles", [])]
+        self.config = self.config.replace(gate_loss=state.get("gate_loss", self.gate_loss))
+        self.set_thresholds(decode_thresholds(state["thresholds"], self.num_gates), state["exit_score"])
+        self.profiles = {p.name: p for p in profiles}
+        if state.get("active_profile") is not None:
+            self.use_profile(state["active_profile"])
+
     # ---- cost ---------------------------------------------------------------------------
 
     @property
     def costs(self) -> GateCosts:
         """FLOPs per image up to each gate, of each gate, and of the whole backbone (measured once)."""
         if self._costs is None:
+            self._check_attached()
             self._costs = measure_costs(
                 self.base_model, [b.module for b in self.boundaries], self.gates, self.input_size
             )
         return self._costs
 
     def unwrap(self) -> nn.Module:
-        """Remove the hooks and return the plain timm model."""
+        """Remove the hooks and return the plain timm model; this wrapper refuses to run afterwards."""
         self._engine.remove()
         return self.base_model
+
+    def _check_attached(self) -> None:
+        if not self._engine.attached:
+            raise RuntimeError("timm_dgate: this gated model was unwrapped; wrap the timm model again to use gates")
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{b.name}({b.layout})" for b in self.boundaries)
         return f"gates=[{gates}], exit_score={self.exit_score}"
 
-    # ---- Hub I/O (timm_dgate.hub; format in docs/hub.md) ---------------------------------
+    # ---- Hub I/O (format in docs/hub.md) ------------------------------------------------
 
     def save_pretrained(
         self,
@@ -180,16 +281,40 @@ class GatedModel(nn.Module):
         base_model: str | None = None,
         include_backbone: bool | None = None,
         tradeoff_plot: str | os.PathLike | None = None,
+        card_repo_id: str | None = None,
     ) -> Path:
         """Write gates, profiles, config and model card (and the backbone in timm's layout) to a folder.
 
         ``base_model`` (a timm Hub id such as ``"timm/resnet50.a1_in1k"``) makes a gates-only
         folder that names its backbone instead of storing it, unless ``include_backbone=True``.
+        Both default to what the config says (a model loaded from a gates-only folder saves as one).
+        ``card_repo_id`` is the repo id the model card's usage snippet loads.
         """
-        from .hub import save_pretrained
-
-        return save_pretrained(
-            self, save_directory, base_model=base_model, include_backbone=include_backbone, tradeoff_plot=tradeoff_plot
+        self._check_attached()
+        base_model = base_model or self.config.base_model
+        if include_backbone is None:
+            include_backbone = self.config.include_backbone if base_model == self.config.base_model else not base_model
+        try:
+            config = self.config.replace(
+                base_model=base_model,
+                include_backbone=include_backbone,
+                model_args=hub.backbone_args(self.base_model, self.config.model_args),
+            )
+        except HubFormatError:
+            raise
+        except ValueError as error:
+            raise HubFormatError(str(error)) from error
+        tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in self.gates.state_dict().items()}
+        return hub.write_folder(
+            Path(save_directory),
+            config,
+            tensors,
+            list(self.profiles.values()),
+            hub.saved_state(self.thresholds, self.active_profile),
+            backbone=self.base_model if config.include_backbone else None,
+            backbone_gflops=None if self._costs is None else self._costs.backbone / 1e9,  # saving runs no FLOP count
+            tradeoff_plot=tradeoff_plot,
+            card_repo_id=card_repo_id,
         )
 
     def push_to_hub(
@@ -201,28 +326,98 @@ class GatedModel(nn.Module):
         commit_message: str = "Upload gated model with timm_dgate",
         token: str | None = None,
         create_pr: bool = False,
-        base_model: str | None = None,
-        include_backbone: bool | None = None,
-        tradeoff_plot: str | os.PathLike | None = None,
+        **save_kwargs: Any,
     ) -> Any:
-        """Save as in :meth:`save_pretrained` and commit the folder to a Hub repo (created if needed).
+        """Save as in :meth:`save_pretrained` (``save_kwargs``) and commit the folder to a Hub repo in one commit.
 
-        ``token`` defaults to huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``).
+        The repo is created if missing (``private=None``: the Hub's default visibility) and the
+        branch ``revision`` too. ``token`` defaults to huggingface_hub's usual sources
+        (``HF_TOKEN``, ``hf auth login``). Returns huggingface_hub's ``CommitInfo``.
         """
-        from .hub import push_to_hub
-
-        return push_to_hub(
-            self,
+        return hub.push_folder(
+            lambda folder, repo: self.save_pretrained(folder, card_repo_id=repo, **save_kwargs),
             repo_id,
             private=private,
             revision=revision,
             commit_message=commit_message,
             token=token,
             create_pr=create_pr,
-            base_model=base_model,
-            include_backbone=include_backbone,
-            tradeoff_plot=tradeoff_plot,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        model: nn.Module | None = None,
+        profile: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> GatedModel:
+        """Load a gated model saved by ``save_pretrained``/``push_to_hub``, in eval mode.
+
+        Args:
+            name_or_path: a local folder, or a Hub repo id (``"org/resnet101-dgate"``).
+            revision: branch, tag or commit of a Hub repo.
+            model: an existing timm model to attach the gates to instead of building the backbone;
+                it must have the saved architecture, number of classes and input channels. It is
+                put in eval mode.
+            profile: the threshold profile to activate; default: the one active when saved.
+            cache_dir, token, local_files_only: as in huggingface_hub (``HF_HUB_OFFLINE=1`` reads
+                the cache only).
+
+        Raises :class:`~timm_dgate.HubFormatError` (a missing, corrupted or newer-format file, a
+        backbone that does not match) or ``KeyError`` (an unknown profile); a model passed in is
+        left unhooked when loading fails.
+        """
+        options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        folder = hub.resolve_folder(name_or_path, need_backbone=model is None, **options)
+        saved = hub.read_folder(folder)
+        if profile is not None and profile not in {p.name for p in saved.profiles}:
+            known = ", ".join(p.name for p in saved.profiles) or "none"
+            raise KeyError(f"unknown profile {profile!r} in {folder}; it has: {known}")
+        if model is None:
+            model = hub.load_backbone(saved.config, folder, **options)
+        hub.check_backbone(model, saved.config, folder)
+        try:
+            gated = wrap(model, [b.module for b in saved.config.boundaries], input_size=saved.config.input_size,
+                         pool=saved.config.pool, model_args=saved.config.model_args)
+        except ValueError as error:  # UnsupportedModelError or an unknown boundary
+            raise HubFormatError(f"the gates in {folder} cannot be attached to this model: {error}") from error
+        try:
+            hub.check_boundaries(gated.config, saved.config, folder)
+            gated.config = saved.config
+            device = next(model.parameters()).device
+            gated.gates.to(device)
+            gated.gates.load_state_dict({k.removeprefix("gates."): v.to(device) for k, v in saved.tensors.items()})
+            gated.thresholds = saved.thresholds
+            for p in saved.profiles:
+                gated.add_profile(p)
+            active = profile or saved.active_profile
+            if active is not None:
+                gated.use_profile(active)
+        except Exception:
+            gated.unwrap()
+            raise
+        return gated.eval()
+
+
+_TRACING_MESSAGE = (
+    "timm_dgate: {how} cannot capture a gated forward with open gates: which samples exit depends on the "
+    "data, so a traced or exported graph would bake in one exit pattern. With every gate closed "
+    "(gated.close_gates()) the gated model is the plain timm model and traces and exports as usual, "
+    "or export gated.base_model; see docs/concepts.md, 'Threads, train mode, dtypes and export'."
+)
+
+
+def _refuse_tracing() -> None:
+    """Tracing or exporting the data-dependent exits would silently give a graph with one exit pattern."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(_TRACING_MESSAGE.format(how="torch.jit.trace / torch.onnx.export"))
+    if torch.compiler.is_exporting():
+        raise RuntimeError(_TRACING_MESSAGE.format(how="torch.export / torch.onnx.export"))
 
 
 def require_classifier(model: nn.Module) -> int:
@@ -244,6 +439,7 @@ def wrap(
     pool: str = "avg",
     exit_score: str = "margin",
     model_args: dict | None = None,
+    base_model: str | None = None,
 ) -> GatedModel:
     """Attach decision gates to a timm classifier.
 
@@ -256,14 +452,29 @@ def wrap(
         exit_score: ``margin`` (hinge gates), ``softmax`` or ``entropy`` (cross-entropy gates).
         model_args: ``timm.create_model`` kwargs needed to rebuild the backbone that timm did not
             record itself (it records those passed to ``create_model``); saved by ``save_pretrained``.
+        base_model: the timm Hub id the backbone's weights come from; ``save_pretrained`` then
+            writes a gates-only folder that names it.
 
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
     """
-    require_classifier(model)
+    if isinstance(model, GatedModel):
+        raise UnsupportedModelError(model_name(model.base_model), "it is already gated (a GatedModel)")
+    num_classes = require_classifier(model)
     input_size = tuple(input_size or default_input_size(model))
     chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
-    return GatedModel(model, chosen, input_size, pool=pool, exit_score=exit_score, model_args=model_args)
+    config = DGateConfig(
+        architecture=model_name(model),
+        num_classes=num_classes,
+        input_size=input_size,
+        boundaries=tuple(chosen),
+        pool=pool,
+        exit_score=exit_score,
+        base_model=base_model,
+        include_backbone=base_model is None,
+        model_args=dict(model_args or {}),
+    )
+    return GatedModel(model, config)
 
 
 def stages(model: nn.Module, input_size: Sequence[int] | None = None) -> list[Boundary]:
@@ -273,3 +484,6 @@ def stages(model: nn.Module, input_size: Sequence[int] | None = None) -> list[Bo
     """
     input_size = tuple(input_size or default_input_size(model))
     return probe_boundaries(model, candidate_boundaries(model), input_size, strict=False)
+
+
+from_pretrained = GatedModel.from_pretrained  # the name the mission and timm users reach for

@@ -1,12 +1,34 @@
-"""Threshold profiles: a named set of gate thresholds and what it was measured at."""
+"""Threshold profiles: a named set of gate thresholds and what it was measured at.
+
+JSON has no infinity, so a closed gate's threshold (``inf``) is written as the string ``"inf"``
+everywhere timm_dgate writes thresholds (profiles, the config, benchmark results).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .scores import check_exit_score
+
+
+def encode_thresholds(values: Iterable[float]) -> list[float | str]:
+    """JSON-ready thresholds: ``±inf`` become the strings ``"inf"`` / ``"-inf"``."""
+    return [str(v) if math.isinf(v) else v for v in values]
+
+
+def decode_thresholds(values: Sequence[float | str], num_gates: int | None = None) -> tuple[float, ...]:
+    """Thresholds read back: numbers or ``"inf"``/``"-inf"``; NaN and a wrong count are refused."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"thresholds must be a list, got {values!r}")
+    thresholds = tuple(float(v) for v in values)
+    if any(math.isnan(t) for t in thresholds):
+        raise ValueError(f"thresholds must not be NaN: {list(values)}")
+    if num_gates is not None and len(thresholds) != num_gates:
+        raise ValueError(f"{len(thresholds)} thresholds for {num_gates} gates")
+    return thresholds
 
 
 @dataclass
@@ -14,7 +36,7 @@ class Profile:
     """Thresholds for every gate (``inf`` closes one) plus the numbers they were chosen for.
 
     ``val_*`` fields come from the calibration split; ``test`` holds metrics from a split
-    that chose nothing, filled in by evaluation.
+    that chose nothing, filled in by evaluation when asked.
     """
 
     name: str
@@ -30,21 +52,19 @@ class Profile:
 
     def __post_init__(self) -> None:
         check_exit_score(self.exit_score)
-        self.thresholds = tuple(float(t) for t in self.thresholds)
+        self.thresholds = decode_thresholds(self.thresholds)
         self.exit_fractions = tuple(float(f) for f in self.exit_fractions)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: infinite thresholds become the string ``"inf"``."""
         data = asdict(self)
-        data["thresholds"] = [_encode(t) for t in self.thresholds]
+        data["thresholds"] = encode_thresholds(self.thresholds)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Profile:
-        data = dict(data)
-        data["thresholds"] = tuple(float(t) for t in data["thresholds"])
-        return cls(**data)
-
-
-def _encode(value: float) -> float | str:
-    return str(value) if math.isinf(value) else value
+    def from_dict(cls, data: Mapping[str, Any], num_gates: int | None = None) -> Profile:
+        """Read a profile back; unknown fields are ignored (files from newer versions still load)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["thresholds"] = decode_thresholds(data["thresholds"], num_gates)
+        return cls(**values)

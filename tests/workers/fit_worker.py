@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm_dgate
-from timm_dgate.demo.data import load_splits, preprocess
+from timm_dgate.fashion_mnist import load_splits, preprocess
 
 
 def main(out: Path) -> None:

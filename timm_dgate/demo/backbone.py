@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .data import CLASSES, preprocess
+from ..fashion_mnist import CLASSES, preprocess
 
 
 def train_backbone(

@@ -6,9 +6,7 @@ in the final table comes from the 10,000-image test split, which chose nothing.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +15,14 @@ import torch
 
 import timm_dgate
 from timm_dgate.cache import FeatureCache, cache_features
-from timm_dgate.calibrate import ExitTable, calibrate, tradeoff_curve
-from timm_dgate.evaluate import EvalReport, evaluate, format_exits_per_class, format_table
-from timm_dgate.fit import fit
+from timm_dgate.calibration import ExitTable, calibrate, measured_tradeoff
+from timm_dgate.evaluation import EvalReport, evaluate
 from timm_dgate.plots import plot_tradeoff
+from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table
+from timm_dgate.training import fit
 
+from ..fashion_mnist import CLASSES, TensorBatches, load_splits
 from .backbone import cached_backbone
-from .data import CLASSES, TensorBatches, load_splits
 
 # profile name -> allowed drop from the plain model's validation accuracy
 DROPS = {"iso": 0.001, "-0.5pt": 0.005, "-1pt": 0.01, "-2pt": 0.02}
@@ -67,25 +66,6 @@ def _plot_exits(result, gate_names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def accuracy_at(points: list[tuple[float, float]], gflops: float) -> float | None:
-    """Test accuracy of a trade-off curve at ``gflops``, linearly interpolated; None outside it."""
-    for (acc_a, g_a), (acc_b, g_b) in itertools.pairwise(points):
-        if g_a <= gflops <= g_b:
-            return acc_a if g_b == g_a else acc_a + (acc_b - acc_a) * (gflops - g_a) / (g_b - g_a)
-    return None
-
-
-def format_equal_flops(curves: dict[str, list[tuple[float, float]]], plain: tuple[float, float]) -> str:
-    """Markdown: every curve's test accuracy at the same average compute (shares of the plain model's)."""
-    shares = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
-    header = "| gates | " + " | ".join(f"{100 * s:.0f}% FLOPs" for s in shares) + " |"
-    lines = [header, "|---" * (len(shares) + 1) + "|"]
-    for label, points in curves.items():
-        cells = [accuracy_at(points, s * plain[1]) for s in shares]
-        lines.append(f"| {label} | " + " | ".join("-" if a is None else f"{100 * a:.2f}%" for a in cells) + " |")
-    return "\n".join(lines) + f"\n\n(plain model: {100 * plain[0]:.2f}% at {plain[1]:.4f} GFLOPs)"
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -132,28 +112,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     reports: dict[str, EvalReport] = {}
     for loss, model in gated.items():
         reports[loss] = evaluate(
-            model, loaders["test"], split="test", timing_images=cfg.timing_images, repeats=cfg.timing_repeats
+            model, loaders["test"], split="test", timing_images=cfg.timing_images, repeats=cfg.timing_repeats,
+            record=True,
         )
-        section(f"{loss} gates on the test split ({reports[loss].num_images} images)", format_table(reports[loss]))
+        section(f"{loss} gates on the test split ({reports[loss].num_images} images)",
+                evaluation_table(reports[loss]))
 
     gate_names = [b.name for b in first.boundaries]
     hinge_iso = reports["hinge"].profiles[0]
     section(f"Exits per class, {hinge_iso.name} (share of each class's test images)",
-            format_exits_per_class(hinge_iso, CLASSES, gate_names))
+            exits_per_class_table(hinge_iso, CLASSES, gate_names))
 
     curves = {}
     for loss, model in gated.items():
         for score in GATE_KINDS[loss]:
-            val_table = ExitTable.from_cache(model, caches["val"], score)
-            test_table = ExitTable.from_cache(model, caches["test"], score)
-            closed = (math.inf,) * model.num_gates  # the plain model is the curve's costliest point
-            thresholds = {*tradeoff_curve(val_table), closed}
-            curves[f"{loss} gates ({score})"] = sorted(
-                (test_table.evaluate(t)[:2] for t in thresholds), key=lambda point: point[1]
+            curves[f"{loss} gates ({score})"] = measured_tradeoff(
+                ExitTable.from_cache(model, caches["val"], score), ExitTable.from_cache(model, caches["test"], score)
             )
     plain_point = (reports["hinge"].plain_accuracy, reports["hinge"].plain_gflops)
     section("Test accuracy at equal compute (each curve's thresholds chosen on validation)",
-            format_equal_flops(curves, plain_point))
+            equal_flops_table(curves, plain_point))
     plot_tradeoff(curves, plain_point, out / "tradeoff.png", split="test",
                   title="Fashion-MNIST test split (thresholds chosen on validation)")
     _plot_exits(hinge_iso, gate_names, out / "exits_per_class.png")

@@ -18,18 +18,22 @@ wait for each other (0.4 s on one thread against 8 s on two, for 5,000 samples o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import FeatureCache, cache_features
+from .cache import FeatureCache, cache_features, check_labels
+from .errors import CalibrationError
 from .flops import GateCosts
-from .model import GatedModel
 from .profiles import Profile
 from .scores import check_exit_score, exit_score
+
+if TYPE_CHECKING:
+    from .model import GatedModel
 
 SEARCHES = ("sequential", "coordinate")
 
@@ -47,8 +51,14 @@ class Target:
         given = [v for v in (self.min_accuracy, self.max_drop, self.max_gflops) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one target: min_accuracy, max_drop or max_gflops")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ValueError(f"max_drop must be >= 0 (a fraction: 0.005 is half a point), got {self.max_drop}")
+        for name in ("max_drop", "min_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(
+                    f"{name} is a fraction in [0, 1), got {value}: 0.005 is half a point, 0.9 is 90%"
+                )
+        if self.max_gflops is not None and not self.max_gflops > 0:
+            raise ValueError(f"max_gflops must be positive, got {self.max_gflops}")
         if self.confidence is not None:
             if self.max_gflops is not None:
                 raise ValueError("confidence applies to accuracy targets (max_drop, min_accuracy), not max_gflops")
@@ -130,17 +140,29 @@ class _Goal:
     z: float = 0.0
     reference: float = 0.0  # correct answers of the reference
 
+    def assured(self, correct: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        """Correct answers the target counts: the lower confidence bound with ``z``, else the count itself."""
+        if not self.z:
+            return correct
+        n = self.changed.shape[1]
+        spread = (changed - (correct - self.reference).square() / n).clamp_min(0).sqrt()
+        return correct - self.z * spread
+
+    def shortfall(self, correct: torch.Tensor, changed: torch.Tensor, flops: torch.Tensor) -> torch.Tensor:
+        """How far the target is missed (0 where it is met): correct answers short, or FLOPs over."""
+        if self.kind == "correct":
+            return (self.bound - self.assured(correct, changed)).clamp_min(0)
+        if self.kind == "flops":
+            return (flops - self.bound).clamp_min(0)
+        return torch.zeros_like(flops)
+
     def rank(self, correct: torch.Tensor, changed: torch.Tensor, flops: torch.Tensor) -> torch.Tensor:
         """Lexicographic key (violation, objective) folded into one float64: lower is better."""
         if self.kind == "price":
             return flops - self.bound * correct
         if self.kind == "correct":
-            if self.z:
-                n = self.changed.shape[1]
-                spread = (changed - (correct - self.reference).square() / n).clamp_min(0).sqrt()
-                correct = correct - self.z * spread
-            return (self.bound - correct).clamp_min(0) * 1e30 + flops
-        return (flops - self.bound).clamp_min(0) * 1e6 - correct
+            return self.shortfall(correct, changed, flops) * 1e30 + flops
+        return self.shortfall(correct, changed, flops) * 1e6 - correct
 
 
 def _goal(table: ExitTable, target: Target) -> _Goal:
@@ -205,12 +227,34 @@ def _best_for_gate(table: ExitTable, thresholds: list[float], k: int, goal: _Goa
     return threshold, ranks[best].item()
 
 
-def _rank_of(table: ExitTable, thresholds: list[float], goal: _Goal) -> float:
+def _totals(table: ExitTable, thresholds: list[float] | tuple[float, ...], goal: _Goal) -> tuple[torch.Tensor, ...]:
+    """Correct answers, changed answers and FLOPs summed over the samples, each as a 1-element tensor."""
     exits = table.exits(tuple(thresholds)).unsqueeze(0)
     correct = table.correct.gather(0, exits).double().sum()
     changed = goal.changed.gather(0, exits).double().sum()
     flops = table.costs.exit_costs([t != math.inf for t in thresholds])[exits].sum()
-    return goal.rank(correct.reshape(1), changed.reshape(1), flops.reshape(1)).item()
+    return correct.reshape(1), changed.reshape(1), flops.reshape(1)
+
+
+def _rank_of(table: ExitTable, thresholds: list[float], goal: _Goal) -> float:
+    return goal.rank(*_totals(table, thresholds, goal)).item()
+
+
+def _check_met(table: ExitTable, thresholds: tuple[float, ...], goal: _Goal, target: Target) -> None:
+    """Raise :class:`CalibrationError` naming the best reachable value when ``thresholds`` miss the target."""
+    correct, changed, flops = _totals(table, thresholds, goal)
+    if goal.shortfall(correct, changed, flops).item() <= 1e-9:
+        return
+    n = table.scores.shape[1]
+    if goal.kind == "flops":
+        best = f"the cheapest reachable is {flops.item() / n / 1e9:.4g} GFLOPs per image"
+    else:
+        bound = " (lower confidence bound)" if goal.z else ""
+        best = f"the best reachable accuracy{bound} is {goal.assured(correct, changed).item() / n:.4f}"
+    raise CalibrationError(
+        f"cannot meet {target.describe()} on this validation data ({n} images): {best}; "
+        f"the plain model's is {table.plain_accuracy:.4f}. Nothing was activated."
+    )
 
 
 def _descend(table: ExitTable, thresholds: list[float], goal: _Goal, max_rounds: int) -> list[float]:
@@ -247,11 +291,18 @@ def search_thresholds(
     ``coordinate`` descends from the sequential answer and from the optima of ``prices``
     trade-offs ``FLOPs - price * correct`` (which spread the accuracy budget over all gates
     instead of spending it at the first), and keeps the best; never worse than sequential.
+    Raises :class:`~timm_dgate.CalibrationError` when no thresholds meet the target.
     """
+    thresholds = _search(table, target, method, max_rounds, prices)
+    _check_met(table, thresholds, _goal(table, target), target)
+    return thresholds
+
+
+def _search(table: ExitTable, target: Target, method: str, max_rounds: int, prices: int) -> tuple[float, ...]:
     if method not in SEARCHES:
         raise ValueError(f"unknown search {method!r}; expected one of {SEARCHES}")
     goal = _goal(table, target)
-    sequential = [math.inf] * table.num_gates
+    sequential: list[float] = [math.inf] * table.num_gates
     for k in range(table.num_gates):  # the paper's pass: gate by gate, later gates closed
         sequential[k], _ = _best_for_gate(table, sequential, k, goal)
     if method == "sequential":
@@ -272,6 +323,7 @@ def validation_cache(model: GatedModel, data: object, progress: bool = True) -> 
             "calibration must not see the test split: thresholds are chosen on validation data, "
             "and accuracy is reported on a test split that chose nothing"
         )
+    check_labels(cache.labels, model.num_classes)
     return cache
 
 
@@ -292,8 +344,10 @@ def calibrate(
     """Choose thresholds on validation ``data`` (a loader or a validation :class:`FeatureCache`).
 
     Give one target: ``max_drop`` (fraction below the plain model's validation accuracy,
-    ``0.005`` = half a point), ``min_accuracy`` (fraction) or ``max_gflops`` (average per
-    image, gates included). The result is stored on the model as a named :class:`Profile`.
+    ``0.005`` = half a point), ``min_accuracy`` (fraction in [0, 1)) or ``max_gflops`` (average
+    per image, gates included). The result is stored on the model as a named :class:`Profile`.
+    A target the validation data cannot meet raises :class:`~timm_dgate.CalibrationError`
+    naming the best reachable value, and nothing is stored or activated.
 
     ``confidence`` (e.g. ``0.9``) makes an accuracy target hold for the validation estimate's
     lower confidence bound rather than for the estimate itself: validation accuracy is itself
@@ -323,6 +377,27 @@ def calibrate(
     return profile
 
 
+def calibrate_targets(
+    model: GatedModel,
+    cache: FeatureCache,
+    split: str,
+    max_drop_points: Sequence[float] = (),
+    max_gflops: Sequence[float] = (),
+    confidence: float | None = None,
+) -> list[Profile]:
+    """One profile per target, named ``drop-<pt>pt`` (drops in points) / ``gflops-<G>``; the first is active.
+
+    ``split`` is what each profile records as the images that chose it.
+    """
+    profiles = [
+        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt", split=split)
+        for d in max_drop_points
+    ]
+    profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}", split=split) for g in max_gflops]
+    model.use_profile(profiles[0].name)
+    return profiles
+
+
 @_one_thread()
 def tradeoff_curve(table: ExitTable, points: int = 24, max_rounds: int = 10) -> list[tuple[float, ...]]:
     """Thresholds on the Pareto front of (accuracy, GFLOPs) on ``table``, cheapest first.
@@ -340,3 +415,13 @@ def tradeoff_curve(table: ExitTable, points: int = 24, max_rounds: int = 10) -> 
             front.append(thresholds)
             best = accuracy
     return front
+
+
+def measured_tradeoff(val_table: ExitTable, test_table: ExitTable) -> list[tuple[float, float]]:
+    """(accuracy, GFLOPs) on ``test_table`` along the front chosen on ``val_table``, cheapest first.
+
+    The honest curve: thresholds come from validation only, the plain model (every gate closed)
+    is always its costliest point, and the test split only scores.
+    """
+    closed = (math.inf,) * val_table.num_gates
+    return sorted((test_table.evaluate(t)[:2] for t in {*tradeoff_curve(val_table), closed}), key=lambda p: p[1])

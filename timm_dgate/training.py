@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .cache import DEFAULT_MAX_MEMORY, FeatureCache, cache_features
-from .losses import DEFAULT_EXIT_SCORE, gate_loss
-from .model import GatedModel
+from .cache import DEFAULT_MAX_MEMORY, FeatureCache, cache_features, check_labels
+from .distributed import Reducer
+from .losses import check_gate_loss, gate_loss
+from .progress import progress_bar
+
+if TYPE_CHECKING:
+    from .model import GatedModel
 
 
 @dataclass
@@ -36,26 +40,6 @@ class FitReport:
     final_loss: list[float] = field(default_factory=list)
 
 
-class _Reducer:
-    """Sums tensors across processes through Accelerate; a no-op on one process."""
-
-    def __init__(self, accelerator: object | None):
-        self.accelerator = accelerator
-
-    @property
-    def num_processes(self) -> int:
-        return getattr(self.accelerator, "num_processes", 1)
-
-    @property
-    def is_main(self) -> bool:
-        return getattr(self.accelerator, "is_main_process", True)
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.num_processes == 1:
-            return tensor
-        return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
-
-
 class _GateTrainer:
     """Linear gates on standardised features, stepped by globally summed gradients."""
 
@@ -68,7 +52,7 @@ class _GateTrainer:
         loss: str,
         lr: float,
         reg: float,
-        reducer: _Reducer,
+        reducer: Reducer,
         device: torch.device,
     ):
         self.linears = nn.ModuleList(nn.Linear(d, num_classes) for d in dims).to(device)
@@ -123,7 +107,7 @@ class _GateTrainer:
 
 
 def _feature_stats(
-    batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]], reducer: _Reducer, device: torch.device
+    batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]], reducer: Reducer, device: torch.device
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Global per-feature mean and std of each gate's input, and the global sample count."""
     sums = sq = None
@@ -173,11 +157,14 @@ def fit(
             use it with augmented loaders. Feature statistics come from ``stats_batches`` batches.
         accelerator: an ``accelerate.Accelerator``; gradients are summed across its processes.
 
-    The backbone's parameters and buffers are left bit-identical. Sets ``model.exit_score``
-    to the loss's natural score (``margin`` for hinge, ``softmax`` for ce).
+    The backbone is frozen for good (``requires_grad`` off, BatchNorm statistics kept in eval
+    mode); its parameters and buffers are left bit-identical. Records the loss in the model's
+    config and switches its exit score to the loss's natural one (``margin`` for hinge,
+    ``softmax`` for ce).
     """
+    check_gate_loss(loss)
     torch.manual_seed(seed)
-    reducer = _Reducer(accelerator)
+    reducer = Reducer(accelerator)
     device = next(model.parameters()).device
     model.freeze_backbone()
     progress = progress and reducer.is_main
@@ -195,7 +182,7 @@ def fit(
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=max(1, epochs))
     last: list[float] = []
-    bar = tqdm(range(epochs), desc=f"fitting {model.num_gates} {loss} gates", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), f"fitting {model.num_gates} {loss} gates", enabled=progress)
     for _ in bar:
         if stream:
             for features, labels in _pooled_batches(model, data):
@@ -206,8 +193,7 @@ def fit(
         schedule.step()
         bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
     trainer.fold_into(model.gates)
-    model.exit_score = DEFAULT_EXIT_SCORE[loss]
-    model.gate_loss = loss
+    model.set_gate_loss(loss)
     accuracy = _train_accuracy(model, data, reducer, device) if isinstance(data, FeatureCache) else []
     return FitReport(loss, epochs, total, reducer.num_processes, accuracy, last)
 
@@ -217,17 +203,16 @@ def _pooled_batches(model: GatedModel, loader: Iterable, limit: int | None = Non
     for i, (images, labels) in enumerate(loader):
         if limit is not None and i >= limit:
             return
+        check_labels(torch.as_tensor(labels), model.num_classes)
         with torch.no_grad():
             pooled, _ = model.forward_pooled(images.to(device))
         yield pooled, labels
 
 
-def _train_accuracy(model: GatedModel, cache: FeatureCache, reducer: _Reducer, device: torch.device) -> list[float]:
+def _train_accuracy(model: GatedModel, cache: FeatureCache, reducer: Reducer, device: torch.device) -> list[float]:
     """Each gate's accuracy on the whole training set: correct counts summed over every process's shard."""
     correct = [(m.argmax(1) == cache.labels).sum() for m in cache.margins(model.gates)]
     counts = torch.tensor([*correct, len(cache)], dtype=torch.float64, device=device)
     counts = reducer.sum(counts)
     return (counts[:-1] / counts[-1]).tolist()
 
-
-__all__ = ["FitReport", "fit"]

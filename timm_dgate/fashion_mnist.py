@@ -1,4 +1,5 @@
-"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, held as tensors.
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, held as tensors: the real data the demo, the
+benchmarks and the tests run on.
 
 The data set is small (60k + 10k 28x28 grey images), so it is kept in memory as uint8
 tensors and preprocessed per batch in torch: far faster on a 2-core machine than

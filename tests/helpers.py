@@ -1,0 +1,27 @@
+"""Helpers the tests share: batches of the real Fashion-MNIST slice, and a tiny gated timm model for it."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+import timm_dgate
+from timm_dgate.fashion_mnist import TensorBatches
+
+SIZE = 32
+
+
+def batches(data, batch_size: int = 250) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(TensorBatches(data, SIZE, batch_size))
+
+
+def tiny_gated(seed: int = 0) -> timm_dgate.GatedModel:
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=10).eval()
+    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
+
+
+def hooks(model: nn.Module) -> int:
+    """Forward hooks on ``model`` and its submodules: 0 once nothing is attached."""
+    return sum(len(m._forward_hooks) for m in model.modules())

@@ -1,0 +1,154 @@
+"""Evaluate threshold profiles on a held-out split: accuracy, FLOPs, wall-clock, exits.
+
+Accuracy and exits come from the real early-exit forward (not a simulation), FLOPs from
+each sample's exit position, and wall-clock from the gated and the plain model timed side
+by side on the same preloaded batches, alternating (``timm_dgate.timing``), so machine noise
+hits both alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import check_labels
+from .progress import progress_bar
+from .reports import evaluation_table
+from .timing import interleaved, per_image
+
+if TYPE_CHECKING:
+    from .model import GatedModel
+
+
+@dataclass
+class ProfileResult:
+    """One profile's numbers on the evaluation split (``exits_per_class``: rows gates then head)."""
+
+    name: str
+    thresholds: tuple[float, ...]
+    accuracy: float
+    gflops: float
+    flops_reduction: float
+    ms_per_image: float
+    plain_ms_per_image: float
+    exit_fractions: list[float]
+    exits_per_class: list[list[int]] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_ms_per_image / self.ms_per_image
+
+
+@dataclass
+class EvalReport:
+    """The plain model's accuracy and cost, and every profile's results, on one split."""
+
+    split: str
+    num_images: int
+    plain_accuracy: float
+    plain_gflops: float
+    profiles: list[ProfileResult]
+
+    def table(self) -> str:
+        """The paper-style markdown table (see :func:`timm_dgate.reports.evaluation_table`)."""
+        return evaluation_table(self)
+
+
+def _batches(data: Iterable, device: torch.device, num_classes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in data:
+        labels = torch.as_tensor(labels)
+        check_labels(labels, num_classes)
+        yield images.to(device), labels.to(device)
+
+
+def _timing_batches(data: Iterable, device: torch.device, images: int, num_classes: int) -> list[torch.Tensor]:
+    taken, out = 0, []
+    for x, _ in _batches(data, device, num_classes):
+        out.append(x)
+        taken += len(x)
+        if taken >= images:
+            break
+    return out
+
+
+@contextmanager
+def kept_state(model: GatedModel) -> Iterator[None]:
+    """Thresholds, exit score, active profile and train/eval mode exactly as they were, whatever runs inside."""
+    thresholds, score, active, training = model.thresholds, model.exit_score, model.active_profile, model.training
+    try:
+        yield
+    finally:
+        model.set_thresholds(thresholds, score)
+        model.active_profile = active
+        model.train(training)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: GatedModel,
+    data: Iterable,
+    profiles: Sequence[str] | None = None,
+    *,
+    split: str = "test",
+    timing_images: int = 2048,
+    repeats: int = 3,
+    record: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Run every profile (default: all stored) over ``data`` and time it against the plain model.
+
+    ``data`` yields ``(images, labels)`` batches and is iterated once per profile plus once
+    for the plain model; its first ``timing_images`` images are preloaded for timing. With
+    ``record=True`` each profile's metrics are also written into ``profile.test`` (and so into
+    what ``save_pretrained`` writes); otherwise nothing on the model changes: thresholds, exit
+    score, active profile and train/eval mode are left exactly as found.
+    """
+    names = list(profiles if profiles is not None else model.profiles)
+    device = next(model.parameters()).device
+    plain = model.base_model
+    num_classes, head = model.num_classes, model.num_gates
+    with kept_state(model):
+        model.eval()
+        correct = total = 0
+        for x, y in progress_bar(_batches(data, device, num_classes), "plain model", enabled=progress):
+            correct += (plain(x).argmax(1) == y).sum().item()
+            total += len(y)
+        timing = _timing_batches(data, device, timing_images, num_classes)
+        results = []
+        for name in progress_bar(names, f"profiles on {split}", enabled=progress):
+            profile = model.use_profile(name)
+            hits, counts, flops = 0, torch.zeros(head + 1, num_classes, dtype=torch.long), 0.0
+            for x, y in _batches(data, device, num_classes):
+                out = model(x, return_exits=True)
+                hits += (out.logits.argmax(1) == y).sum().item()
+                counts += torch.bincount(
+                    (out.exits * num_classes + y).cpu(), minlength=(head + 1) * num_classes
+                ).view(head + 1, num_classes)
+                flops += model.costs.average(out.exits, model.thresholds) * len(y)
+            seconds = interleaved({"gated": (model, timing), "plain": (plain, timing)}, repeats)
+            result = ProfileResult(
+                name=name,
+                thresholds=profile.thresholds,
+                accuracy=hits / total,
+                gflops=flops / total / 1e9,
+                flops_reduction=1 - flops / total / model.costs.backbone,
+                ms_per_image=per_image(seconds["gated"], timing) * 1e3,
+                plain_ms_per_image=per_image(seconds["plain"], timing) * 1e3,
+                exit_fractions=(counts.sum(1).double() / total).tolist(),
+                exits_per_class=counts.tolist(),
+            )
+            if record:
+                profile.test = {
+                    "split": split,
+                    "accuracy": result.accuracy,
+                    "gflops": result.gflops,
+                    "flops_reduction": result.flops_reduction,
+                    "speedup": result.speedup,
+                    "plain_accuracy": correct / total,
+                }
+            results.append(result)
+    return EvalReport(split, total, correct / total, model.costs.backbone / 1e9, results)

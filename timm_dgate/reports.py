@@ -1,0 +1,139 @@
+"""Every markdown table timm_dgate prints or writes: model cards, evaluation, throughput, recipe results.
+
+Only formatting lives here; the numbers come from the objects passed in, so the same table reads
+the same wherever it appears (terminal, results.md, a Hub model card, docs/).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .bench import Throughput
+    from .evaluation import EvalReport, ProfileResult
+    from .profiles import Profile
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2%}"
+
+
+def _thresholds(values: Sequence[float]) -> str:
+    return ", ".join("closed" if t == math.inf else f"{t:.3g}" for t in values)
+
+
+def profiles_table(profiles: Sequence[Profile]) -> str:
+    """Markdown section listing each profile with what it was measured at (model card, recipe results)."""
+    if not profiles:
+        return (
+            "## Threshold profiles\n\nNone yet: every gate is closed, so the model answers exactly like the "
+            "plain backbone until thresholds are calibrated.\n"
+        )
+    rows = [
+        "## Threshold profiles\n",
+        "Chosen on the split named, never on test data. GFLOPs are the average per image at that "
+        "split's exits; exit fractions are per gate, then the backbone's head.\n",
+        "| profile | exit score | thresholds | split | accuracy | plain accuracy | GFLOPs | exit fractions | test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in profiles:
+        cells = [
+            f"`{p.name}`",
+            p.exit_score,
+            ", ".join(_fmt(t) for t in p.thresholds),
+            p.split,
+            _pct(p.val_accuracy),
+            _pct(p.val_plain_accuracy),
+            "—" if p.val_gflops is None else f"{p.val_gflops:.4g}",
+            ", ".join(f"{f:.1%}" for f in p.exit_fractions) or "—",
+            ", ".join(f"{k}: {_fmt(v)}" for k, v in p.test.items()) or "—",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def evaluation_table(report: EvalReport) -> str:
+    """A markdown table in the shape of the paper's Table 1."""
+    lines = [
+        f"| profile | thresholds | {report.split} accuracy | GFLOPs | FLOPs reduction | ms/image | speed-up |",
+        "|---|---|---|---|---|---|---|",
+        f"| plain model | - | {100 * report.plain_accuracy:.2f}% | {report.plain_gflops:.4f} | 0.0% | - | 1.00x |",
+    ]
+    for r in report.profiles:
+        lines.append(
+            f"| {r.name} | {_thresholds(r.thresholds)} | {100 * r.accuracy:.2f}% | {r.gflops:.4f} | "
+            f"{100 * r.flops_reduction:.1f}% | {r.ms_per_image:.3f} (plain {r.plain_ms_per_image:.3f}) | "
+            f"{r.speedup:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def exits_per_class_table(result: ProfileResult, class_names: Sequence[str], gate_names: Sequence[str]) -> str:
+    """Markdown table: for each class, the share of its samples leaving at each gate (paper's exp. 4)."""
+    rows = [*gate_names, "head"]
+    lines = ["| class | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for c, cname in enumerate(class_names):
+        column = [result.exits_per_class[k][c] for k in range(len(rows))]
+        n = max(1, sum(column))
+        lines.append(f"| {cname} | " + " | ".join(f"{100 * v / n:.0f}%" for v in column) + " |")
+    return "\n".join(lines)
+
+
+def throughput_table(rows: Sequence[Throughput]) -> str:
+    lines = ["| batch size | profile | images/s | plain images/s | speed-up |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r.batch_size} | {r.profile} | {r.images_per_s:.1f} | {r.plain_images_per_s:.1f} | {r.speedup:.2f}x |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def accuracy_at(points: Sequence[tuple[float, float]], gflops: float) -> float | None:
+    """Accuracy of a trade-off curve ``(accuracy, GFLOPs)`` at ``gflops``, linearly interpolated; None outside it."""
+    for (acc_a, g_a), (acc_b, g_b) in itertools.pairwise(points):
+        if g_a <= gflops <= g_b:
+            return acc_a if g_b == g_a else acc_a + (acc_b - acc_a) * (gflops - g_a) / (g_b - g_a)
+    return None
+
+
+def equal_flops_table(curves: Mapping[str, Sequence[tuple[float, float]]], plain: tuple[float, float]) -> str:
+    """Markdown: every curve's accuracy at the same average compute (shares of the plain model's)."""
+    shares = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+    header = "| gates | " + " | ".join(f"{100 * s:.0f}% FLOPs" for s in shares) + " |"
+    lines = [header, "|---" * (len(shares) + 1) + "|"]
+    for label, points in curves.items():
+        cells = [accuracy_at(points, s * plain[1]) for s in shares]
+        lines.append(f"| {label} | " + " | ".join("-" if a is None else f"{100 * a:.2f}%" for a in cells) + " |")
+    return "\n".join(lines) + f"\n\n(plain model: {100 * plain[0]:.2f}% at {plain[1]:.4f} GFLOPs)"
+
+
+def recipe_results(
+    title: str,
+    data: str,
+    gate_accuracy: Sequence[tuple[str, float]],
+    plain_gflops: float,
+    profiles: Sequence[Profile],
+    test_report: EvalReport | None,
+    plot_name: str,
+) -> str:
+    """The recipe's results.md: what ran on which data, the profiles, the test table and the plot."""
+    gates = ", ".join(f"{name} {100 * a:.1f}%" for name, a in gate_accuracy)
+    test = (
+        f"## Test split `{test_report.split}` ({test_report.num_images} images; it chose nothing)\n\n"
+        f"{evaluation_table(test_report)}\n"
+        if test_report
+        else "No --test-split was given: the numbers above come from the validation split that chose the "
+        "thresholds, so they flatter the gates. Measure on held-out data with `timm-dgate eval`.\n"
+    )
+    return (
+        f"# {title}\n\n{data}\n\n"
+        f"Gate train accuracy: {gates}. Plain model: {plain_gflops:.4f} GFLOPs per image.\n\n"
+        f"{profiles_table(profiles)}\n{test}\n![accuracy against cost]({plot_name})\n"
+    )
