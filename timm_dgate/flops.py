@@ -81,8 +81,8 @@ def measure_costs(
     model: nn.Module, modules: Sequence[str], gates: Sequence[nn.Module], input_size: Sequence[int]
 ) -> GateCosts:
     """Count the backbone up to each of ``modules`` (one pass) and each gate on that module's output."""
-    device = next(model.parameters()).device
-    x = torch.zeros((1, *input_size), device=device)
+    param = next(model.parameters())
+    x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
     snapshots: dict[int, tuple[float, torch.Tensor]] = {}
     counter = FlopCounterMode(display=False)
 
