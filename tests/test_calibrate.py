@@ -148,3 +148,42 @@ def test_calibration_refuses_the_test_split(fmnist):
     test_cache = cache_features(gated, batches(fmnist.test), split="test", progress=False)
     with pytest.raises(ValueError, match="must not see the test split"):
         timm_dgate.calibrate(gated, test_cache, max_drop=0.01)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (dict(min_accuracy=0.999), r"cannot meet accuracy >= 99.90%.*best reachable accuracy is 0\.\d+"),
+        (dict(max_gflops=1e-6), r"cannot meet <= 1e-06 GFLOPs.*cheapest reachable is [\d.e-]+ GFLOPs"),
+    ],
+)
+def test_a_target_the_validation_data_cannot_meet_raises_and_activates_nothing(fmnist, target, message):
+    gated = tiny_gated()
+    timm_dgate.fit(gated, batches(fmnist.train), epochs=20, progress=False)
+    val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
+    with pytest.raises(timm_dgate.CalibrationError, match=message):
+        gated.calibrate(val, **target)
+    assert gated.profiles == {} and gated.active_profile is None
+    assert gated.thresholds == (math.inf,) * gated.num_gates
+    assert issubclass(timm_dgate.CalibrationError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (lambda y: y + 10, r"label 1\d is outside \[0, 10\): the model has num_classes=10"),
+        (lambda y: y - 1, r"label -1 is outside \[0, 10\)"),
+        (lambda y: y.float(), "labels must be integer class indices, got dtype torch.float32"),
+    ],
+)
+def test_labels_outside_the_classes_are_refused_by_fit_calibrate_and_evaluate(fmnist, labels, message):
+    gated = tiny_gated()
+    bad = [(x, labels(y)) for x, y in batches(fmnist.val)[:1]]
+    for call in (
+        lambda: timm_dgate.fit(gated, bad, epochs=1, progress=False),
+        lambda: timm_dgate.fit(gated, bad, epochs=1, stream=True, progress=False),
+        lambda: timm_dgate.calibrate(gated, bad, max_drop=0.01),
+        lambda: timm_dgate.evaluate(gated, bad, progress=False),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()

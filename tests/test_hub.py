@@ -483,3 +483,33 @@ def test_refuses_a_gates_only_folder_without_a_base_model(tmp_path):
     gated, _ = make_gated("cnn")
     with pytest.raises(HubFormatError, match="gates-only folder must name its backbone"):
         gated.save_pretrained(tmp_path, include_backbone=False)
+
+
+def test_unknown_fields_in_the_config_and_in_profiles_are_ignored(saved):
+    """docs/hub.md promises forward compatibility: a newer writer's extra fields load."""
+    edit_json(saved / "dgate_config.json", added_by_a_newer_version={"x": 1})
+    profiles = json.loads((saved / "profiles.json").read_text())
+    profiles["profiles"][0]["calibrated_with"] = "a newer search"
+    (saved / "profiles.json").write_text(json.dumps(profiles))
+    loaded = timm_dgate.from_pretrained(saved)
+    assert loaded.active_profile == "eager" and len(loaded.profiles) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("dgate_config.json", {"thresholds": ["NaN", 1.0, 2.0]}, r"dgate_config.json: thresholds: .*NaN"),
+        ("dgate_config.json", {"thresholds": [1.0]}, r"dgate_config.json: thresholds: 1 thresholds for 3 gates"),
+        ("dgate_config.json", {"active_profile": "gone"}, r"dgate_config.json: active_profile 'gone' is not in"),
+        ("profiles.json", {"thresholds": [float("nan"), 1.0, 2.0]}, r"profiles.json: profile 'eager': .*NaN"),
+    ],
+)
+def test_bad_values_inside_files_are_hub_format_errors_naming_file_and_field(saved, name, change, message):
+    if name == "profiles.json":
+        data = json.loads((saved / name).read_text())
+        data["profiles"][0].update(change)
+        (saved / name).write_text(json.dumps(data))
+    else:
+        edit_json(saved / name, **change)
+    with pytest.raises(HubFormatError, match=message):
+        timm_dgate.from_pretrained(saved)

@@ -142,6 +142,8 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
          "has no profile nope"),
         (["bench", "/no/such/folder"], "is not a folder"),
         (["fit", "--model", "no_such_model_xyz", "--data-dir", "{images}"], "timm could not create"),
+        (["fit", "--model", "resnet5", "--data-dir", "{images}"], "did you mean resnet50"),
+        (["fit", *MODEL], "--data-dir is required"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(argv, message, image_folder, fitted, capsys):

@@ -143,7 +143,9 @@ class RecipeData:
     def _check_folder_split(self, split: str) -> None:
         """timm falls back to the root folder for a split it cannot find; a wrong split must not pass silently."""
         root = self.spec.data_dir
-        if root is None or not Path(root).is_dir():
+        if root is None:
+            raise InputError("--data-dir is required: the folder holding the images (one sub-folder per split)")
+        if not Path(root).is_dir():
             raise InputError(f"--data-dir {root} is not a folder of images")
         if split not in TRAIN_SPLIT_NAMES and os.path.samefile(search_split(root, split), root):
             raise InputError(f"split {split!r} not found under {root} (no sub-folder of that name)")

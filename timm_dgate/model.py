@@ -8,6 +8,7 @@ of it through the folder format of docs/hub.md (file I/O in ``timm_dgate.hub``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -223,9 +224,13 @@ class GatedModel(nn.Module):
 
     # ---- state_dict carries the behaviour -------------------------------------------------
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """Thresholds, exit score, profiles and the active profile travel in ``state_dict()``."""
-        return {
+    def get_extra_state(self) -> torch.Tensor:
+        """Thresholds, exit score, profiles and the active profile travel in ``state_dict()``.
+
+        Stored as JSON bytes in a uint8 tensor, so every consumer of a state dict that expects
+        tensors (safetensors, torch.jit, ONNX's exporter) handles it.
+        """
+        state = {
             "gates": [b.module for b in self.boundaries],
             "thresholds": encode_thresholds(self.thresholds),
             "exit_score": self.exit_score,
@@ -233,8 +238,10 @@ class GatedModel(nn.Module):
             "profiles": [p.to_dict() for p in self.profiles.values()],
             "active_profile": self.active_profile,
         }
+        return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        state = json.loads(state.cpu().numpy().tobytes().decode())
         mine = [b.module for b in self.boundaries]
         if list(state.get("gates", [])) != mine:
             raise ValueError(

@@ -11,6 +11,7 @@ gates, rank), so a rerun that changes only gate or calibration settings skips th
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -99,7 +100,9 @@ def build_model(config: RecipeConfig) -> nn.Module:
     try:
         model = timm.create_model(config.model, pretrained=config.pretrained, **kwargs)
     except (RuntimeError, ValueError, OSError, KeyError) as error:
-        raise InputError(f"timm could not create {config.model!r}: {error}") from error
+        close = difflib.get_close_matches(config.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"timm could not create {config.model!r}: {error}{hint}") from error
     if config.initial_checkpoint:
         try:
             timm.models.load_checkpoint(model, config.initial_checkpoint)
