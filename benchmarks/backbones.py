@@ -18,37 +18,20 @@ import time
 from pathlib import Path
 
 import torch
+from common import RECORDS, ROOT, backbone_epochs, load_backbone
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from timm_dgate.demo.backbone import accuracy, cached_backbone
+from timm_dgate.demo.backbone import accuracy
+from timm_dgate.fashion_mnist import load_splits
 from timm_dgate.flops import count_flops
-
-ROOT = Path("runs/backbones")
-RECORDS = Path("runs/bench/plain")
-# short runs of the demo's recipe (a shared 2-core CPU). resnet18 is the demo's own (3 epochs; its cache may be
-# copied from runs/demo/backbone); resnet50 trains ~2.5x slower (one epoch left its head below its layer3 gate)
-EPOCHS = {"resnet18": 3, "resnet50": 2}
-DEFAULT_EPOCHS = 2
-# gated model -> smaller static models of the same family it should beat
-STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
-
-
-def backbone_folder(name: str, root: Path = ROOT) -> Path:
-    return root / name
-
-
-def load_backbone(name: str, train: TensorDataset, root: Path = ROOT, epochs: int | None = None) -> nn.Module:
-    """The cached trained ``name`` (trained now if missing), in eval mode."""
-    epochs = epochs or EPOCHS.get(name, DEFAULT_EPOCHS)
-    return cached_backbone(name, train, backbone_folder(name, root), epochs=epochs).eval()
 
 
 def record(name: str, model: nn.Module, val: TensorDataset, test: TensorDataset, input_size: int = 32) -> dict:
     """Plain accuracy on both splits and FLOPs per image (FlopCounterMode, as the gated models)."""
     return {
         "model": name,
-        "epochs": EPOCHS.get(name, DEFAULT_EPOCHS),
+        "epochs": backbone_epochs(name),
         "val_accuracy": accuracy(model, val, input_size),
         "accuracy": accuracy(model, test, input_size),
         "gflops": count_flops(model, torch.zeros(1, 1, input_size, input_size)) / 1e9,
@@ -56,8 +39,6 @@ def record(name: str, model: nn.Module, val: TensorDataset, test: TensorDataset,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from timm_dgate.fashion_mnist import load_splits
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--root", type=Path, default=ROOT)

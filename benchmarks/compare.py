@@ -22,19 +22,20 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import earlyon_adapter
-import methods
 import torch
-from backbones import DEFAULT_EPOCHS, EPOCHS, load_backbone
+from common import METHODS, backbone_epochs, fixed_points, load_backbone, profile_name
 from torch.utils.data import TensorDataset
 
-from timm_dgate import FeatureCache, cache_features, wrap
-from timm_dgate.calibrate import ExitTable
-from timm_dgate.fashion_mnist import TensorBatches, load_splits
+from timm_dgate import FeatureCache, GatedModel, cache_features, wrap
+from timm_dgate.calibration import ExitTable, measured_tradeoff
 from timm_dgate.demo.pipeline import DROPS
+from timm_dgate.fashion_mnist import TensorBatches, load_splits, preprocess
+from timm_dgate.timing import per_image, time_pass
 
 # its stage 2 runs the backbone every step (the dominant cost here); its own default is 20 epochs
 EARLYON_EPOCHS = {"resnet18": 10, "resnet50": 5}
@@ -42,29 +43,31 @@ EARLYON_SWEEP = (0.0, 0.0025, 0.03, 0.05, 0.1, 0.2)  # extra budgets, with DROPS
 
 
 def sliced(data: TensorDataset, limit: int | None) -> TensorDataset:
+    """The first ``limit`` images (all: None): smoke runs and smaller training sets cut every split alike."""
     images, labels = data.tensors
     return TensorDataset(images[:limit], labels[:limit]) if limit else data
 
 
 @contextmanager
-def timed(into: dict, key: str):
+def timed(into: dict, key: str) -> Iterator[None]:
+    """Seconds of one phase into ``into[key]``, printed as it ends (a run takes most of an hour)."""
     start = time.perf_counter()
     yield
     into[key] = time.perf_counter() - start
     print(f"  {key}: {into[key]:.1f}s", flush=True)
 
 
-@torch.inference_mode()
-def plain_pass_seconds(model: torch.nn.Module, data: TensorDataset, images: int | None) -> float:
-    """Seconds per image of the plain model over the first ``images`` training images (all: None), batches of 256."""
-    subset = sliced(data, images)
-    start = time.perf_counter()
-    for x, _ in TensorBatches(subset):
-        model(x)
-    return (time.perf_counter() - start) / len(subset.tensors[1])
+def plain_pass_seconds(model: torch.nn.Module, data: TensorDataset, images: int | None, input_size: int) -> float:
+    """Seconds per image of the plain model over the first ``images`` training images (all: None), batches of 256.
+
+    Preprocessing is timed too, as in the caching pass this is the reference for.
+    """
+    raw = sliced(data, images).tensors[0].split(256)
+    return per_image([time_pass(lambda x: model(preprocess(x, input_size)), raw)], raw)
 
 
 def accuracy_of(cache: FeatureCache) -> float:
+    """The plain model's accuracy, read off the logits a caching pass stored anyway."""
     return (cache.logits.argmax(1) == cache.labels).double().mean().item()
 
 
@@ -79,14 +82,14 @@ def fit_in_child(name: str, cache_path: Path, loss: str, out: Path, epochs: int)
 
 
 @contextmanager
-def earlyon_val_pass_once():
+def earlyon_val_pass_once() -> Iterator[None]:
     """earlyon's calibrator re-runs the network over the validation loader on every call; its heads
     and backbone are frozen by then, so the logits are the same each time: run that pass once."""
     import earlyon.core.thresholds as thresholds
 
     original, memo = thresholds.collect_head_logits, {}
 
-    def collect(model, loader, device):
+    def collect(model: torch.nn.Module, loader: TensorBatches, device: str) -> object:
         key = (id(model), id(loader))
         if key not in memo:
             memo[key] = original(model, loader, device)
@@ -127,6 +130,7 @@ def run_earlyon(name: str, backbone: torch.nn.Module, loaders: dict, input_size:
 
 
 def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
+    """Everything measured on one backbone, written to ``<out_root>/<name>/results.json`` (and returned)."""
     print(f"== {name}", flush=True)
     full = load_splits()
     backbone = load_backbone(name, full.train)
@@ -135,7 +139,7 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     input_size = (1, args.input_size, args.input_size)
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"model": name, "backbone_epochs": EPOCHS.get(name, DEFAULT_EPOCHS),
+    result: dict = {"model": name, "backbone_epochs": backbone_epochs(name),
                     "sizes": {k: len(v.tensors[1]) for k, v in splits.items()}, "seconds": {}}
     seconds = result["seconds"]
     loaders = {key: TensorBatches(data, args.input_size) for key, data in splits.items()}
@@ -149,7 +153,9 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     with timed(seconds, "cache_train"):
         train = cache_features(gated["hinge"], loaders["train"], split="train", progress=False)
     # right after the caching pass, so that both see the same machine load
-    seconds["plain_pass_per_image"] = plain_pass_seconds(plain, splits["train"], args.plain_pass_images)
+    seconds["plain_pass_per_image"] = plain_pass_seconds(
+        plain, splits["train"], args.plain_pass_images, args.input_size
+    )
     seconds["plain_pass_train"] = seconds["plain_pass_per_image"] * len(splits["train"].tensors[1])
     print(f"  plain pass over train: {seconds['plain_pass_train']:.1f}s")
     caches = {"val": cache_features(gated["hinge"], loaders["val"], split="validation", progress=False),
@@ -166,17 +172,18 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
         result["fit"][loss] = fit_in_child(name, cache_path, loss, gates_path, args.gate_epochs)
         model.gates.load_state_dict(torch.load(gates_path))
         model.freeze_backbone()
-        model.exit_score, model.gate_loss = ("margin", "hinge") if loss == "hinge" else ("softmax", "ce")
+        model.set_gate_loss(loss)  # what fit() records in the child, and the loss's natural exit score
         print(f"  fitted {loss} gates in {result['fit'][loss]['fit_s']:.1f}s", flush=True)
     cache_path.unlink()
 
     result["methods"] = {}
-    for method, (loss, score) in methods.METHODS.items():
+    for method, (loss, score) in METHODS.items():
         model = gated[loss]
-        points = methods.fixed_points(model, score, caches["val"], caches["test"])
+        test_table = ExitTable.from_cache(model, caches["test"], score)
+        points = fixed_points(model, score, caches["val"], test_table)
         result["methods"][method] = {
             "loss": loss, "score": score, "points": [p.to_dict() for p in points],
-            "curve": methods.curve(model, score, caches["val"], caches["test"]),
+            "curve": measured_tradeoff(ExitTable.from_cache(model, caches["val"], score), test_table),
         }
     result["engine_check"] = check_engine(gated["hinge"], caches["test"], loaders["test"], args.check_images)
     for loss, model in gated.items():
@@ -193,10 +200,10 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
 
 
 @torch.inference_mode()
-def check_engine(model, test: FeatureCache, loader: TensorBatches, images: int) -> dict:
+def check_engine(model: GatedModel, test: FeatureCache, loader: TensorBatches, images: int) -> dict:
     """The real early-exit forward on the first test images agrees with the cache-based scoring."""
     model.eval()
-    profile = model.profiles["margin -0.5pt"]
+    profile = model.profiles[profile_name("margin", "-0.5pt")]
     model.use_profile(profile.name)
     table = ExitTable.from_cache(model, test, "margin")
     expected = table.exits(profile.thresholds)[:images]

@@ -30,6 +30,7 @@ SUPPORTED = ("resnet18", "resnet50")
 
 
 def available() -> bool:
+    """Whether earlyon can be imported: it is an optional extra, needed only for the ResNet comparison."""
     try:
         import earlyon  # noqa: F401
     except ImportError:
@@ -106,6 +107,7 @@ def calibrate(wrapper: nn.Module, val_loader: Iterable, max_drop: float) -> dict
 
 
 def apply(wrapper: nn.Module, policy: dict) -> None:
+    """Make ``policy`` earlyon's live routing (its thresholds and enabled exits live on the wrapper's config)."""
     wrapper.config.confidence_thresholds = list(policy["thresholds"])
     wrapper.config.enabled_exits = list(policy["enabled"])
 
@@ -135,8 +137,3 @@ def runner(wrapper: nn.Module, batched: bool) -> Callable[[torch.Tensor], object
         return wrapper.forward_inference_batched(x) if batched else wrapper(x, mode="inference")
 
     return run
-
-
-def closed_policy(wrapper: nn.Module) -> dict:
-    n = len(wrapper.config.exit_points)
-    return {"thresholds": [1.0] * n, "enabled": [False] * n}

@@ -29,17 +29,17 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from common import Variant, machine
 
 import timm_dgate
 from timm_dgate.scores import exit_score
+from timm_dgate.timing import Run, interleaved, paired_ratio
 
 VARIANTS = ("plain", "closed (shortcut)", "closed (engine)", "half exit")
 
@@ -69,9 +69,6 @@ def half_exit_thresholds(gated: timm_dgate.GatedModel, images: torch.Tensor) -> 
     return (threshold,) + (math.inf,) * (gated.num_gates - 1)
 
 
-Variant = tuple[Callable[[torch.Tensor], object], torch.Tensor, int]  # (run, images, batch size)
-
-
 def variants(
     plain: torch.nn.Module, gated: timm_dgate.GatedModel, half: tuple[float, ...], images: torch.Tensor, batch: int
 ) -> dict[str, Variant]:
@@ -82,48 +79,26 @@ def variants(
     """
     closed, all_exit = (math.inf,) * gated.num_gates, (-math.inf,) + (math.inf,) * (gated.num_gates - 1)
 
-    def with_thresholds(thresholds: tuple[float, ...], **kwargs: bool) -> Callable[[torch.Tensor], object]:
+    def with_thresholds(thresholds: tuple[float, ...], **kwargs: bool) -> Run:
         def run(x: torch.Tensor) -> object:
             gated.thresholds = thresholds
             return gated(x, **kwargs)
 
         return run
 
-    timed = {
-        "plain": (plain, images, batch),
-        "closed (shortcut)": (with_thresholds(closed), images, batch),
-        "closed (engine)": (with_thresholds(closed, return_exits=True), images, batch),
-        "half exit": (with_thresholds(half), images, batch),
-        "exit at gate 0": (with_thresholds(all_exit), images, batch),
+    batches = images.split(batch)
+    timed: dict[str, Variant] = {
+        "plain": (plain, batches),
+        "closed (shortcut)": (with_thresholds(closed), batches),
+        "closed (engine)": (with_thresholds(closed, return_exits=True), batches),
+        "half exit": (with_thresholds(half), batches),
+        "exit at gate 0": (with_thresholds(all_exit), batches),
     }
     if batch > 1:  # the same number of forwards on half-size batches
-        halves = images[: len(images) // 2]
-        timed["plain (half batch)"] = (plain, halves, batch // 2)
-        timed["exit at gate 0 (half batch)"] = (with_thresholds(all_exit), halves, batch // 2)
+        halves = images[: len(images) // 2].split(batch // 2)
+        timed["plain (half batch)"] = (plain, halves)
+        timed["exit at gate 0 (half batch)"] = (with_thresholds(all_exit), halves)
     return timed
-
-
-@torch.inference_mode()
-def time_pass(variant: Variant) -> float:
-    """Seconds to push every image of the variant through its callable, batch by batch."""
-    run, images, batch_size = variant
-    chunks = images.split(batch_size)
-    start = time.perf_counter()
-    for chunk in chunks:
-        run(chunk)
-    return time.perf_counter() - start
-
-
-def measure(timed: dict[str, Variant], repeats: int) -> dict[str, list[float]]:
-    """Per variant, the seconds of each repeat; variants interleaved round-robin after one warm-up pass."""
-    for variant in timed.values():
-        time_pass(variant)
-    seconds: dict[str, list[float]] = {name: [] for name in timed}
-    for r in range(repeats):
-        order = list(timed) if r % 2 == 0 else list(reversed(timed))  # no fixed neighbour
-        for name in order:
-            seconds[name].append(time_pass(timed[name]))
-    return seconds
 
 
 def time_ideal(seconds: dict[str, list[float]], r: int) -> float:
@@ -138,11 +113,6 @@ def time_ideal(seconds: dict[str, list[float]], r: int) -> float:
     return seconds["exit at gate 0"][r] + rest
 
 
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over repeats of a[r] / b[r]: each ratio compares runs taken moments apart."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
 @torch.inference_mode()
 def ideal_speedup(gated: timm_dgate.GatedModel, images: torch.Tensor, half: tuple[float, ...]) -> tuple[float, float]:
     """Exit fraction at gate 0 and the FLOPs speed-up ``backbone / average`` of the half-exit run."""
@@ -152,18 +122,8 @@ def ideal_speedup(gated: timm_dgate.GatedModel, images: torch.Tensor, half: tupl
     return (exits == 0).float().mean().item(), gated.costs.backbone / gated.costs.average(exits, half)
 
 
-def machine() -> str:
-    """CPU model, core count and load: wall-clock numbers mean little without them."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {load}"
-
-
 def report(args: argparse.Namespace, gated: timm_dgate.GatedModel, rows: list[dict[str, float]], env: str) -> str:
+    """The markdown document: the table, how each column is computed, and what produced it."""
     costs = gated.costs
     gates = ", ".join(f"`{b.name}`" for b in gated.boundaries)
     lines = [
@@ -247,7 +207,7 @@ def bench_batch(
     images = torch.randn(count, *gated.input_size, generator=torch.Generator().manual_seed(batch_size))
     half = half_exit_thresholds(gated, images)
     exited, ideal = ideal_speedup(gated, images, half)
-    seconds = measure(variants(plain, gated, half, images, batch_size), args.repeats)
+    seconds = interleaved(variants(plain, gated, half, images, batch_size), args.repeats)
     gated.close_gates()
     row: dict[str, float] = {"batch": batch_size, "images": count, "exited": exited, "ideal": ideal}
     row |= {name: count / statistics.median(seconds[name]) for name in VARIANTS}

@@ -198,6 +198,7 @@ def _cell(text: object) -> str:
 
 
 def table(rows: list[dict[str, object]]) -> list[str]:
+    """The per-family markdown table: a refused family lists the boundaries that would still work."""
     lines = [
         "| family | model | input | params (M) | boundaries ok/total | default gates | result |",
         "|---|---|---|---|---|---|---|",
@@ -252,6 +253,7 @@ def summary(rows: list[dict[str, object]]) -> list[str]:
 
 
 def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]) -> None:
+    """docs/architectures.md from the rows and how they were made (command, versions, cap, duration)."""
     doc = [
         "# Which timm architectures timm_dgate can gate",
         "",

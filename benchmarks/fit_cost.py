@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from backbones import ROOT, backbone_folder
+from common import load_trained
 
 from timm_dgate import fit, wrap
 from timm_dgate.cache import FeatureCache
 
 
 def maxrss_mib() -> float:
+    """This process's peak resident memory so far (a high-water mark: it never goes down)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -38,10 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    import timm
-
-    backbone = timm.create_model(f"local-dir:{backbone_folder(args.model, ROOT)}", pretrained=True).eval()
-    gated = wrap(backbone, input_size=(1, args.input_size, args.input_size))
+    gated = wrap(load_trained(args.model), input_size=(1, args.input_size, args.input_size))
     cache = FeatureCache.load(args.cache)
     before = maxrss_mib()
     start = time.perf_counter()

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import timm
 import torch
-from backbones import RECORDS, STATIC
-from executor import machine
+from common import HINGE, RECORDS, STATIC, machine
 
 from timm_dgate.demo.pipeline import DROPS
 
@@ -30,6 +29,7 @@ EARLYON = "earlyon 0.3.0 (its heads + calibration)"
 
 
 def load(path: Path) -> dict | None:
+    """A saved JSON result, or None: the document covers whatever has been measured so far."""
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -41,8 +41,7 @@ def method_points(result: dict) -> dict[str, dict[str, dict]]:
     """method -> target label -> {accuracy, gflops, val_accuracy}; earlyon included when run."""
     out = {name: {p["target"]: p for p in m["points"]} for name, m in result["methods"].items()}
     if "earlyon" in result:
-        out[EARLYON] = {label: {**p, "val_accuracy": p["val_accuracy"]} for label, p in result["earlyon"].items()
-                        if label in DROPS}
+        out[EARLYON] = {label: p for label, p in result["earlyon"].items() if label in DROPS}
     return out
 
 
@@ -61,6 +60,7 @@ def best_saving(points: list[tuple[float, float]], floor: float, base: float) ->
 
 
 def curve_table(result: dict) -> str:
+    """FLOPs saved per method at equal *test* accuracy, read off the curves (descriptive, not deployable)."""
     plain, base = result["plain"]["accuracy"], result["plain"]["gflops"]
     drops = (0.001, 0.005, 0.01, 0.02)
     lines = ["| method | " + " | ".join(f"test drop ≤ {100 * d:g} pt" for d in drops) + " |",
@@ -75,6 +75,7 @@ def curve_table(result: dict) -> str:
 
 
 def fixed_table(result: dict, statics: dict[str, dict]) -> str:
+    """Each method at each validation target, and the static models as single points beside them."""
     plain = result["plain"]
     base = plain["gflops"]
     head = "| method | " + " | ".join(TARGETS.values()) + " |"
@@ -102,6 +103,7 @@ def fixed_table(result: dict, statics: dict[str, dict]) -> str:
 
 
 def plot(result: dict, statics: dict[str, dict], path: Path) -> None:
+    """Accuracy vs GFLOPs of every method, the plain and the static models in one picture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +136,7 @@ def plot(result: dict, statics: dict[str, dict], path: Path) -> None:
 
 
 def speed_table(speed: dict) -> str:
+    """Wall-clock per variant and batch size, with each speed-up's share of its FLOPs ideal."""
     batches = sorted({r["batch"] for r in speed["rows"]})
     variants = list(dict.fromkeys(r["variant"].replace(" (per-sample router)", "").replace(
         " (batched: all-or-nothing)", "") for r in speed["rows"]))
@@ -166,6 +169,7 @@ def speed_table(speed: dict) -> str:
 
 
 def fit_table(results: list[dict]) -> str:
+    """What fitting costs, in plain passes over the training set (the goal is at most 1.5)."""
     lines = [
         "| model | plain pass over train | caching pass | fit hinge gates | fit CE gates | hinge fit / plain pass "
         "| (cache + hinge fit) / plain pass | peak RSS: process / added by the fit | feature cache "
@@ -190,11 +194,12 @@ def fit_table(results: list[dict]) -> str:
 
 
 def goals(results: list[dict], speeds: dict[str, dict]) -> str:
+    """Every goal of the benchmark, met or not, per model: the summary a reader checks first."""
     lines = ["| goal | model | result | met? |", "|---|---|---|---|"]
     for r in results:
         base = r["plain"]["gflops"]
         pts = method_points(r)
-        hinge = pts["hinge d-gates (paper)"]
+        hinge = pts[HINGE]
         losses = []
         for m in pts:
             lost = [label for label in TARGETS if pts[m][label]["gflops"] < hinge[label]["gflops"] - 1e-12]
@@ -205,7 +210,7 @@ def goals(results: list[dict], speeds: dict[str, dict]) -> str:
                      f"{'; '.join(losses) or 'hinge saves the most at all four'} | {'no' if losses else 'yes'} |")
         saved = 1 - hinge["-0.5pt"]["gflops"] / base
         drop = 100 * (r["plain"]["accuracy"] - hinge["-0.5pt"]["accuracy"])
-        on_curve = best_saving(curves(r)["hinge d-gates (paper)"], r["plain"]["accuracy"] - 0.005, base) or 0.0
+        on_curve = best_saving(curves(r)[HINGE], r["plain"]["accuracy"] - 0.005, base) or 0.0
         lines.append(f"| hinge ≥35% FLOPs saved within 0.5 pt | {r['model']} | −0.5 pt validation target: "
                      f"{100 * saved:.1f}% saved, test drop {drop:.2f} pt; best test-curve point within 0.5 pt on "
                      f"test: {100 * on_curve:.1f}% | {'yes' if saved >= 0.35 and drop <= 0.5 else 'no'} on the "
@@ -233,6 +238,7 @@ def goals(results: list[dict], speeds: dict[str, dict]) -> str:
 
 
 def setup_table(results: list[dict], records: dict[str, dict]) -> str:
+    """The backbones (gated and static): training, plain accuracy, FLOPs, and where the exits sit."""
     lines = ["| model | training epochs | val accuracy | test accuracy | GFLOPs/image | our gates after | "
              "earlyon exits after |", "|---|---|---|---|---|---|---|"]
     gated = {r["model"]: r for r in results}

@@ -3,8 +3,9 @@
 Why separate from ``compare.py``: timing wants a quiet machine and nothing else in the
 process, and it reuses what ``compare.py`` saved (the gated models as Hub folders, earlyon's
 heads and policies) instead of fitting again. Variants run interleaved round-robin over the
-repeats (``executor.measure``), medians reported; a speed-up is the median over repeats of
-t(plain) / t(variant), and its ideal is the FLOPs ratio of the exits those very images take.
+repeats (``timm_dgate.timing.interleaved``), medians reported; a speed-up is the median over
+repeats of t(plain) / t(variant), and its ideal is the FLOPs ratio of the exits those very
+images take.
 
     .venv/bin/python benchmarks/speed.py --models resnet18 resnet50 convnext_atto
 """
@@ -16,30 +17,25 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import earlyon_adapter
-import timm
 import torch
-from backbones import STATIC, backbone_folder
-from executor import machine, measure, paired_ratio
+from common import STATIC, Variant, backbone_folder, load_trained, machine, profile_name
 
 import timm_dgate
 from timm_dgate import GatedModel
-from timm_dgate.fashion_mnist import load_splits, preprocess
 from timm_dgate.demo.pipeline import DROPS
+from timm_dgate.fashion_mnist import load_splits, preprocess
 from timm_dgate.flops import GateCosts, count_flops
+from timm_dgate.timing import Run, interleaved, paired_ratio
 
 IMAGES = {1: 200, 64: 512, 256: 1024}
 CE_LABEL = "-0.5pt"  # the one target at which the other methods are timed too
 
 
-def load_plain(name: str) -> torch.nn.Module:
-    return timm.create_model(f"local-dir:{backbone_folder(name)}", pretrained=True).eval()
-
-
-def gated_run(model: GatedModel, profile: str | None, **kwargs: bool) -> Callable[[torch.Tensor], object]:
+def gated_run(model: GatedModel, profile: str | None, **kwargs: bool) -> Run:
     """Forward under ``profile`` (``None``: every gate closed, still through the engine's hooks)."""
 
     def run(x: torch.Tensor) -> object:
@@ -53,13 +49,15 @@ def gated_run(model: GatedModel, profile: str | None, **kwargs: bool) -> Callabl
 
 
 @torch.inference_mode()
-def gated_ideal(model: GatedModel, profile: str, images: torch.Tensor, batch: int) -> float:
+def gated_ideal(model: GatedModel, profile: str, batches: Sequence[torch.Tensor]) -> float:
+    """Backbone FLOPs over the average FLOPs of the exits ``profile`` gives these very batches."""
     model.use_profile(profile)
-    exits = torch.cat([model(x, return_exits=True).exits for x in images.split(batch)])
+    exits = torch.cat([model(x, return_exits=True).exits for x in batches])
     return model.costs.backbone / model.costs.average(exits, model.thresholds)
 
 
 def earlyon_setup(name: str, plain: torch.nn.Module, folder: Path, input_size: tuple) -> tuple:
+    """earlyon's wrapper with the heads and the ``CE_LABEL`` policy ``compare.py`` saved, and its exits' costs."""
     saved = torch.load(folder / "earlyon.pt")
     wrapper = earlyon_adapter.build(plain, name, input_size)
     wrapper.exit_heads.load_state_dict(saved["heads"])
@@ -78,40 +76,43 @@ def earlyon_ideal(wrapper: torch.nn.Module, policy: dict, costs: GateCosts, imag
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict:
+    """Every variant of one model timed at every batch size: one row per (batch, variant)."""
     folder = args.results / name
     result = json.loads((folder / "results.json").read_text())
     input_size = (1, args.input_size, args.input_size)
-    plain = load_plain(name)
+    plain = load_trained(name)
     hinge = timm_dgate.from_pretrained(folder / "hinge_gated").eval()
     ce = timm_dgate.from_pretrained(folder / "ce_gated").eval()
-    statics = {s: load_plain(s) for s in STATIC.get(name, []) if (backbone_folder(s) / "model.safetensors").exists()}
+    statics = {s: load_trained(s) for s in STATIC.get(name, []) if (backbone_folder(s) / "model.safetensors").exists()}
     wrapper = policy = eo_costs = None
     if "earlyon" in result:
-        wrapper, policy, eo_costs = earlyon_setup(name, load_plain(name), folder, input_size)
+        wrapper, policy, eo_costs = earlyon_setup(name, load_trained(name), folder, input_size)
     test = load_splits().test.tensors[0]
     rows = []
     for batch in args.batch_sizes:
         count = max(batch, IMAGES.get(batch, 1024) if args.images is None else args.images)
         images = preprocess(test[:count], args.input_size)
+        batches = images.split(batch)
         closed = gated_run(hinge, None, return_exits=True)  # the engine with nothing to do: its overhead
-        timed = {"plain": (plain, images, batch), "gates closed": (closed, images, batch)}
+        timed: dict[str, Variant] = {"plain": (plain, batches), "gates closed": (closed, batches)}
         ideal = {"plain": 1.0, "gates closed": 1.0}
         for label in DROPS:
-            timed[f"hinge {label}"] = (gated_run(hinge, f"margin {label}"), images, batch)
-            ideal[f"hinge {label}"] = gated_ideal(hinge, f"margin {label}", images, batch)
+            profile = profile_name("margin", label)
+            timed[f"hinge {label}"] = (gated_run(hinge, profile), batches)
+            ideal[f"hinge {label}"] = gated_ideal(hinge, profile, batches)
         for score in ("softmax", "entropy"):
-            key = f"CE {score} {CE_LABEL}"
-            timed[key] = (gated_run(ce, f"{score} {CE_LABEL}"), images, batch)
-            ideal[key] = gated_ideal(ce, f"{score} {CE_LABEL}", images, batch)
+            key, profile = f"CE {score} {CE_LABEL}", profile_name(score, CE_LABEL)
+            timed[key] = (gated_run(ce, profile), batches)
+            ideal[key] = gated_ideal(ce, profile, batches)
         if wrapper is not None:
             key = f"earlyon {CE_LABEL}" + (" (per-sample router)" if batch == 1 else " (batched: all-or-nothing)")
-            timed[key] = (earlyon_adapter.runner(wrapper, batched=batch > 1), images, batch)
+            timed[key] = (earlyon_adapter.runner(wrapper, batched=batch > 1), batches)
             ideal[key] = earlyon_ideal(wrapper, policy, eo_costs, images)
         for small, model in statics.items():
-            timed[f"static {small}"] = (model, images, batch)
+            timed[f"static {small}"] = (model, batches)
             ideal[f"static {small}"] = result["plain"]["gflops"] * 1e9 / count_flops(model, images[:1])
         load_before = os.getloadavg()[0]
-        seconds = measure(timed, args.repeats)
+        seconds = interleaved(timed, args.repeats)
         for key in timed:
             speedup = paired_ratio(seconds["plain"], seconds[key])
             rows.append({

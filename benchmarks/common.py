@@ -1,0 +1,132 @@
+"""What more than one benchmark script needs: the backbones, the methods compared, the machine.
+
+Why one module: the scripts run one after another on each other's files (``backbones.py``
+trains and records, ``compare.py`` fits and calibrates, ``speed.py`` times, ``report.py``
+writes the document), so they must agree on where the backbones live, how long each was
+trained, which methods are compared and what their profiles are called. Scripts import from
+here (and from the ``earlyon_adapter`` module), never from each other.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from timm_dgate import GatedModel, calibrate
+from timm_dgate.cache import FeatureCache
+from timm_dgate.calibration import ExitTable
+from timm_dgate.demo.backbone import cached_backbone
+from timm_dgate.demo.pipeline import DROPS
+from timm_dgate.profiles import encode_thresholds
+from timm_dgate.timing import Run
+
+ROOT = Path("runs/backbones")
+RECORDS = Path("runs/bench/plain")
+# short runs of the demo's recipe (a shared 2-core CPU). resnet18 is the demo's own as it was when the benchmark
+# ran (3 epochs, copied from runs/demo/backbone; the demo now trains 4); resnet50 trains ~2.5x slower (one epoch
+# left its head below its layer3 gate)
+EPOCHS = {"resnet18": 3, "resnet50": 2}
+DEFAULT_EPOCHS = 2
+# gated model -> smaller static models of the same family it should beat
+STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
+
+Variant = tuple[Run, Sequence[torch.Tensor]]  # what timm_dgate.timing.interleaved times: a callable, its batches
+
+HINGE = "hinge d-gates (paper)"
+# method -> (gate loss, exit score); the three differ only there, so they share one wrapped model per loss,
+# one validation and one test cache, and the same threshold search
+METHODS = {
+    HINGE: ("hinge", "margin"),
+    "CE gates, max-softmax (SDN)": ("ce", "softmax"),
+    "CE gates, entropy (BranchyNet)": ("ce", "entropy"),
+}
+
+
+def backbone_epochs(name: str) -> int:
+    """Training epochs of backbone ``name``: recorded next to every number measured on it."""
+    return EPOCHS.get(name, DEFAULT_EPOCHS)
+
+
+def backbone_folder(name: str, root: Path = ROOT) -> Path:
+    """Where backbone ``name`` is cached in timm's layout (``local-dir:`` loads it from there)."""
+    return root / name
+
+
+def load_backbone(name: str, train: TensorDataset, root: Path = ROOT) -> nn.Module:
+    """The cached trained ``name`` (trained now if missing), in eval mode."""
+    return cached_backbone(name, train, backbone_folder(name, root), epochs=backbone_epochs(name)).eval()
+
+
+def load_trained(name: str) -> nn.Module:
+    """The trained ``name`` through timm's own ``local-dir:`` loader, in eval mode; never trains.
+
+    For the scripts that must not pay for training (a child process, a timing run): the
+    backbone has to be there already, from ``backbones.py`` or ``compare.py``.
+    """
+    return timm.create_model(f"local-dir:{backbone_folder(name)}", pretrained=True).eval()
+
+
+def machine() -> str:
+    """CPU model, core count and load: wall-clock numbers mean little without them."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"{cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {load}"
+
+
+def profile_name(score: str, target: str) -> str:
+    """Name of the profile calibrated for exit ``score`` at ``target`` (a key of ``DROPS``).
+
+    ``compare.py`` saves the gated models with these profiles; ``speed.py`` times them by name.
+    """
+    return f"{score} {target}"
+
+
+@dataclass
+class Point:
+    """One threshold set: chosen on validation, scored on test (accuracies are fractions)."""
+
+    target: str
+    thresholds: list[float]
+    val_accuracy: float
+    val_gflops: float
+    accuracy: float
+    gflops: float
+    exit_fractions: list[float]
+
+    def to_dict(self) -> dict:
+        """JSON-ready: infinite thresholds (closed gates) become strings, as in every saved profile."""
+        return {**asdict(self), "thresholds": encode_thresholds(self.thresholds)}
+
+
+def fixed_points(model: GatedModel, score: str, val: FeatureCache, test: ExitTable) -> list[Point]:
+    """Profiles at every target of ``DROPS`` (drops from the plain model's validation accuracy), stored on ``model``.
+
+    Thresholds are chosen on the validation cache; the test table only scores them. Scoring a
+    threshold set on the test cache is exactly what the early-exit forward computes (same gate
+    weights on the same pooled features); ``compare.py`` checks that claim with the real forward.
+    """
+    points = []
+    for label, drop in DROPS.items():
+        name = profile_name(score, label)
+        profile = calibrate(model, val, max_drop=drop, exit_score=score, name=name, activate=False)
+        accuracy, gflops, fractions = test.evaluate(profile.thresholds)
+        points.append(
+            Point(
+                label, list(profile.thresholds), profile.val_accuracy, profile.val_gflops,
+                accuracy, gflops, fractions.tolist(),
+            )
+        )
+    return points
