@@ -58,10 +58,13 @@ def test_python_snippets_run_as_written(doc, demo_workdir, capsys):
     assert capsys.readouterr().out  # every runnable snippet shows the reader something
 
 
-def test_quickstart_leaves_a_loadable_folder_with_its_profiles(demo_workdir):
+def test_quickstart_runs_alone_and_leaves_a_loadable_folder_with_its_profiles(tmp_path, monkeypatch):
+    """Copied into an empty folder, the quick start trains the small backbone it needs, then runs through."""
+    monkeypatch.chdir(tmp_path)
     (code,) = fenced_blocks(ROOT / "docs/quickstart.md", "python")
     exec(compile(code, "quickstart.md", "exec"), {"__name__": "__docs__"})
-    loaded = timm_dgate.from_pretrained(demo_workdir / "resnet18-fmnist-dgate")
+    assert (tmp_path / "runs/quickstart/backbone/model.safetensors").is_file()
+    loaded = timm_dgate.from_pretrained(tmp_path / "resnet18-fmnist-dgate")
     assert set(loaded.profiles) == {"-0.5pt", "budget"}
     assert all(p.test["split"] == "test" for p in loaded.profiles.values())
 

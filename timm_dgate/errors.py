@@ -25,3 +25,7 @@ class HubFormatError(ValueError):
 
 class CalibrationError(ValueError):
     """A calibration target cannot be met on the validation data; the message names the best reachable value."""
+
+
+class UntrainedHeadWarning(UserWarning):
+    """The model's classifier looks freshly initialised: gates fitted to it would learn a random head."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from .calibration import calibrate
 from .config import DGateConfig
 from .discovery import Boundary, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult
-from .errors import HubFormatError, UnsupportedModelError
+from .errors import HubFormatError, UnsupportedModelError, UntrainedHeadWarning
 from .flops import GateCosts, measure_costs
 from .gates import DecisionGate
+from .heads import untrained_head_reason
 from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from .probe import default_input_size, probe_boundaries
 from .profiles import Profile, decode_thresholds, encode_thresholds
@@ -464,10 +466,15 @@ def wrap(
 
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
+    A classifier that looks never trained (timm replaced the checkpoint's head, or it is still
+    at its initialisation) gives an :class:`~timm_dgate.errors.UntrainedHeadWarning`.
     """
     if isinstance(model, GatedModel):
         raise UnsupportedModelError(model_name(model.base_model), "it is already gated (a GatedModel)")
     num_classes = require_classifier(model)
+    reason = untrained_head_reason(model)
+    if reason is not None:
+        warnings.warn(f"timm_dgate.wrap({model_name(model)}): {reason}", UntrainedHeadWarning, stacklevel=2)
     input_size = tuple(input_size or default_input_size(model))
     chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
     config = DGateConfig(

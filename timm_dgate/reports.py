@@ -6,6 +6,8 @@ the same wherever it appears (terminal, results.md, a Hub model card, docs/).
 
 from __future__ import annotations
 
+import base64
+import html
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -137,3 +139,49 @@ def recipe_results(
         f"Gate train accuracy: {gates}. Plain model: {plain_gflops:.4f} GFLOPs per image.\n\n"
         f"{profiles_table(profiles)}\n{test}\n![accuracy against cost]({plot_name})\n"
     )
+
+
+def html_report(title: str, sections: Sequence[tuple[str, str]], images: Sequence[tuple[str, bytes]]) -> str:
+    """One self-contained HTML page: each section's markdown tables and text, then the PNG images inlined.
+
+    No server and no side files: the page opens from disk in any browser.
+    """
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, markdown in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        body.append(_markdown_block_html(markdown))
+    for caption, png in images:
+        data = base64.b64encode(png).decode()
+        body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
+             "th{background:#f3f3f3}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _markdown_block_html(markdown: str) -> str:
+    """Markdown pipe tables become <table>; other non-empty lines become paragraphs."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, *rest = rows
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                       + "</table>")
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| rule
+                rows.append(cells)
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)

@@ -10,9 +10,9 @@ import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from ..fashion_mnist import CLASSES, preprocess
+from ..progress import progress_bar
 
 
 def train_backbone(
@@ -36,7 +36,7 @@ def train_backbone(
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(labels))
-        bar = tqdm(range(steps_per_epoch), desc=f"backbone epoch {epoch + 1}/{epochs}", leave=False)
+        bar = progress_bar(range(steps_per_epoch), f"backbone epoch {epoch + 1}/{epochs}")
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
             x = preprocess(images[idx], input_size, augment=True)

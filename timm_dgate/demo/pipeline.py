@@ -18,7 +18,7 @@ from timm_dgate.cache import FeatureCache, cache_features
 from timm_dgate.calibration import ExitTable, calibrate, measured_tradeoff
 from timm_dgate.evaluation import EvalReport, evaluate
 from timm_dgate.plots import plot_tradeoff
-from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table
+from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
 from timm_dgate.training import fit
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
@@ -103,10 +103,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 calibrate(model, caches["val"], max_drop=drop, confidence=cfg.confidence, exit_score=score,
                           name=f"{loss}/{score} {label}")
 
-    sections: list[str] = []
+    sections: list[tuple[str, str]] = []
 
     def section(title: str, body: str) -> None:
-        sections.append(f"## {title}\n\n{body}\n")
+        sections.append((title, body))
         print(f"\n{title}:\n\n{body}")
 
     reports: dict[str, EvalReport] = {}
@@ -144,10 +144,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         "curves": curves,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "report.md").write_text("\n".join(sections))
+    (out / "report.md").write_text("\n".join(f"## {title}\n\n{body}\n" for title, body in sections))
+    plots = [("accuracy against cost on the test split", out / "tradeoff.png"),
+             (f"where each class exits ({hinge_iso.name})", out / "exits_per_class.png")]
+    page = html_report(f"timm_dgate demo: {cfg.model} on Fashion-MNIST", sections,
+                       [(caption, path.read_bytes()) for caption, path in plots])
+    (out / "report.html").write_text(page, encoding="utf-8")
     hub = gated["hinge"].save_pretrained(out / "hub", tradeoff_plot=out / "tradeoff.png")
-    print(f"\nPlots: {out / 'tradeoff.png'}, {out / 'exits_per_class.png'}; "
-          f"tables: {out / 'report.md'}; numbers: {out / 'results.json'}")
-    print(f"Hinge-gated model with its profiles: {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
-    print(f"Demo finished in {results['seconds']:.0f}s")
+    print(f"\nHinge-gated model with its profiles: {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
+    print(f"Numbers: {out / 'results.json'}; tables: {out / 'report.md'}; plots: {out / 'tradeoff.png'}, "
+          f"{out / 'exits_per_class.png'}")
+    print(f"Demo finished in {results['seconds']:.0f}s. Everything in one page: {out / 'report.html'}")
     return results
