@@ -22,12 +22,12 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     assert "Backbone: training" in printed and "| profile | thresholds | test accuracy" in printed
     log = (captured.out + captured.err).splitlines()  # not a terminal: progress is one line per phase
     assert len(log) < 200, f"{len(log)} lines of output"
-    assert log[-1].endswith(f"Everything in one page: {tmp_path / 'report.html'}")
+    assert printed.splitlines()[-1].endswith(f"Everything in one page: {tmp_path / 'report.html'}")
     for name in ("tradeoff.png", "exits_per_class.png", "results.json", "report.md", "report.html",
                  "backbone/model.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<table>") == 5 and page.count('src="data:image/png;base64,') == 2  # tables and both plots
+    assert page.count("<table>") == 4 and page.count('src="data:image/png;base64,') == 2  # tables and both plots
     hinge = results["reports"]["hinge"]
     assert hinge["split"] == "test" and hinge["num_images"] == 400
     assert [p["name"] for p in hinge["profiles"]] == [f"hinge/margin {label}" for label in DROPS]
