@@ -32,6 +32,7 @@ from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from .probe import default_input_size, probe_boundaries
 from .profiles import Profile, decode_thresholds, encode_thresholds
 from .scores import check_exit_score, exit_score
+from .segments import compile_segments
 
 
 class GatedModel(nn.Module):
@@ -63,6 +64,7 @@ class GatedModel(nn.Module):
         self.active_profile: str | None = None
         self.backbone_frozen = False
         self._costs: GateCosts | None = None
+        self._segments: list[str] = []  # compiled by compile()
         self._engine = ExitEngine(model, [b.module for b in config.boundaries])
         self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
 
@@ -205,6 +207,19 @@ class GatedModel(nn.Module):
         """One full backbone pass: every gate's margins for every sample, and the final logits."""
         pooled, logits = self.forward_pooled(x)
         return [gate.fc(p.to(gate.fc.weight.dtype)) for gate, p in zip(self.gates, pooled)], logits
+
+    def compile(self, **compile_kwargs: Any) -> list[str]:  # type: ignore[override]
+        """Compile the backbone's work between exits in place, leaving the exit decisions eager.
+
+        ``compile_kwargs`` go to ``torch.compile`` (``dynamic=True`` unless given). Unlike
+        ``torch.compile(gated)``, the number of graphs does not grow with batch sizes or exit
+        patterns; see ``timm_dgate.segments``. Returns the compiled segments' module names.
+        """
+        self._check_attached()
+        if self._segments:
+            raise RuntimeError(f"timm_dgate: this gated model is already compiled ({len(self._segments)} segments)")
+        self._segments = compile_segments(self.base_model, [b.module for b in self.boundaries], **compile_kwargs)
+        return list(self._segments)
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise RuntimeError(_TRACING_MESSAGE.format(how="torch.jit.script"))
