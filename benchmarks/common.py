@@ -9,6 +9,7 @@ here (and from the ``earlyon_adapter`` module), never from each other.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -27,6 +28,7 @@ from timm_dgate.calibration import ExitTable
 from timm_dgate.demo.backbone import cached_backbone
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.profiles import encode_thresholds
+from timm_dgate.scores import exit_score
 from timm_dgate.timing import Run
 
 ROOT = Path("runs/backbones")
@@ -130,3 +132,13 @@ def fixed_points(model: GatedModel, score: str, val: FeatureCache, test: ExitTab
             )
         )
     return points
+
+
+@torch.inference_mode()
+def half_exit_thresholds(gated: GatedModel, images: torch.Tensor) -> tuple[float, ...]:
+    """Gate 0 at the midpoint of its two middle scores (exactly half leave there); later gates closed."""
+    margins, _ = gated.forward_gates(images)
+    scores = exit_score(margins[0], gated.exit_score).sort().values
+    half = len(scores) // 2
+    threshold = float((scores[half - 1] + scores[half]) / 2)
+    return (threshold,) + (math.inf,) * (gated.num_gates - 1)

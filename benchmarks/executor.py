@@ -35,10 +35,9 @@ from pathlib import Path
 
 import timm
 import torch
-from common import Variant, machine
+from common import Variant, half_exit_thresholds, machine
 
 import timm_dgate
-from timm_dgate.scores import exit_score
 from timm_dgate.timing import Run, interleaved, paired_ratio
 
 VARIANTS = ("plain", "closed (shortcut)", "closed (engine)", "half exit")
@@ -57,16 +56,6 @@ def build(
     for gate in gated.gates:
         torch.nn.init.normal_(gate.fc.weight, std=0.1)
     return model, gated
-
-
-@torch.inference_mode()
-def half_exit_thresholds(gated: timm_dgate.GatedModel, images: torch.Tensor) -> tuple[float, ...]:
-    """Gate 0 at the midpoint of its two middle scores (exactly half leave there); later gates closed."""
-    margins, _ = gated.forward_gates(images)
-    scores = exit_score(margins[0], gated.exit_score).sort().values
-    half = len(scores) // 2
-    threshold = float((scores[half - 1] + scores[half]) / 2)
-    return (threshold,) + (math.inf,) * (gated.num_gates - 1)
 
 
 def variants(
