@@ -1,6 +1,8 @@
-"""Helpers the tests share: batches of the real Fashion-MNIST slice, and a tiny gated timm model for it."""
+"""Helpers the tests share: batches of the real Fashion-MNIST slice, and tiny gated timm models for it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import timm
 import torch
@@ -17,8 +19,15 @@ def batches(data, batch_size: int = 250) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def tiny_gated(seed: int = 0) -> timm_dgate.GatedModel:
+    """Random weights: the plain model scores chance, which ``calibrate`` and ``evaluate`` refuse by default."""
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=10).eval()
+    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
+
+
+def trained_gated(folder: Path) -> timm_dgate.GatedModel:
+    """Gates on the ``trained_backbone`` fixture's model, loaded as a user would (timm's local-dir)."""
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
 
 

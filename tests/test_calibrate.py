@@ -9,10 +9,10 @@ import torch
 
 import timm_dgate
 from timm_dgate.cache import cache_features
-from timm_dgate.calibration import ExitTable, Target, search_thresholds
+from timm_dgate.calibration import ExitTable, Target, chance_bound, search_thresholds
 from timm_dgate.flops import GateCosts
 
-from .helpers import batches, tiny_gated
+from .helpers import batches, tiny_gated, trained_gated
 
 COSTS = GateCosts(to_gate=(1e8, 2e8, 3e8), gate=(2e5, 4e5, 8e5), backbone=4e8)
 
@@ -106,9 +106,9 @@ def test_a_target_must_be_single_and_sane():
         Target(max_drop=0.01, confidence=95)
 
 
-def test_calibrated_profile_matches_the_real_early_exit_forward(fmnist):
+def test_calibrated_profile_matches_the_real_early_exit_forward(fmnist, trained_backbone):
     """The profile's validation numbers, from the cache, are what the real model does on that data."""
-    gated = tiny_gated()
+    gated = trained_gated(trained_backbone)
     timm_dgate.fit(gated, batches(fmnist.train), epochs=60, progress=False)
     val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
     profile = timm_dgate.calibrate(gated, val, max_drop=0.05, name="minus5")
@@ -124,8 +124,8 @@ def test_calibrated_profile_matches_the_real_early_exit_forward(fmnist):
     assert abs(exits / len(fmnist.val) - sum(profile.exit_fractions[:-1])) <= 0.002
 
 
-def test_profiles_switch_at_run_time(fmnist):
-    gated = tiny_gated()
+def test_profiles_switch_at_run_time(fmnist, trained_backbone):
+    gated = trained_gated(trained_backbone)
     timm_dgate.fit(gated, batches(fmnist.train), epochs=30, progress=False)
     val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
     calibrated = gated.calibrate(val, max_drop=0.0, name="iso")  # the method form of timm_dgate.calibrate
@@ -162,7 +162,7 @@ def test_a_target_the_validation_data_cannot_meet_raises_and_activates_nothing(f
     timm_dgate.fit(gated, batches(fmnist.train), epochs=20, progress=False)
     val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
     with pytest.raises(timm_dgate.CalibrationError, match=message):
-        gated.calibrate(val, **target)
+        gated.calibrate(val, **target, allow_chance_accuracy=True)  # random weights: the mechanics, not the numbers
     assert gated.profiles == {} and gated.active_profile is None
     assert gated.thresholds == (math.inf,) * gated.num_gates
     assert issubclass(timm_dgate.CalibrationError, ValueError)
@@ -187,3 +187,25 @@ def test_labels_outside_the_classes_are_refused_by_fit_calibrate_and_evaluate(fm
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_a_plain_model_at_chance_is_refused_unless_allowed(fmnist):
+    """Random weights score chance: every profile against them would be meaningless, so both steps stop."""
+    gated = tiny_gated()
+    timm_dgate.fit(gated, batches(fmnist.train), epochs=10, progress=False)
+    val = cache_features(gated, batches(fmnist.val), split="validation", progress=False)
+    with pytest.raises(timm_dgate.ChanceAccuracyError, match=r"about chance for 10 classes .* checkpoint that did"):
+        timm_dgate.calibrate(gated, val, max_drop=0.01)
+    assert not gated.profiles  # nothing stored
+    profile = timm_dgate.calibrate(gated, val, max_drop=0.01, name="anyway", allow_chance_accuracy=True)
+    assert profile.val_plain_accuracy < chance_bound(10)
+    test = batches(fmnist.test)
+    with pytest.raises(timm_dgate.ChanceAccuracyError, match="on 1000 test images"):
+        timm_dgate.evaluate(gated, test, timing_images=32, progress=False)
+    report = timm_dgate.evaluate(gated, test, timing_images=32, repeats=1, progress=False, allow_chance_accuracy=True)
+    assert report.plain_accuracy < chance_bound(10) and [p.name for p in report.profiles] == ["anyway"]
+
+
+def test_the_chance_bound_is_twice_chance_and_reachable_with_two_classes():
+    assert chance_bound(10) == 0.2 and chance_bound(1000) == 0.002
+    assert chance_bound(2) == 0.75  # twice chance would refuse every binary model

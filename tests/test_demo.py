@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 import timm_dgate
 from timm_dgate.demo.backbone import accuracy, cached_backbone
@@ -13,9 +17,10 @@ from timm_dgate.fashion_mnist import load_splits
 from timm_dgate.reports import accuracy_at
 
 
-def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
-    cfg = DemoConfig(output=str(tmp_path), limit=400, val_size=400, backbone_epochs=1, gate_epochs=20,
-                     timing_images=64, timing_repeats=1)
+def test_demo_runs_end_to_end_reuses_its_backbone_and_publishes_what_plain_timm_reads(tmp_path, capsys):
+    # a tiny timm model stands in for resnet18: trained the same way, long enough to be far above chance
+    cfg = DemoConfig(output=str(tmp_path), model="test_resnet", limit=1000, val_size=400, backbone_epochs=8,
+                     gate_epochs=20, timing_images=64, timing_repeats=1)
     results = run_demo(cfg)
     captured = capsys.readouterr()
     printed = captured.out
@@ -29,7 +34,7 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     page = (tmp_path / "report.html").read_text()
     assert page.count("<table>") == 4 and page.count('src="data:image/png;base64,') == 2  # tables and both plots
     hinge = results["reports"]["hinge"]
-    assert hinge["split"] == "test" and hinge["num_images"] == 400
+    assert hinge["split"] == "test" and hinge["num_images"] == 1000 and hinge["plain_accuracy"] > 0.5
     assert [p["name"] for p in hinge["profiles"]] == [f"hinge/margin {label}" for label in DROPS]
     assert len(results["reports"]["ce"]["profiles"]) == 2 * len(DROPS)  # softmax and entropy exits
     for profile in hinge["profiles"]:
@@ -43,8 +48,16 @@ def test_demo_runs_end_to_end_and_reuses_its_backbone(tmp_path, capsys):
     again = cached_backbone(cfg.model, splits.train, tmp_path / "backbone")  # what a rerun of the demo does
     assert "trained earlier from" in capsys.readouterr().out
     assert accuracy(again, splits.test) == hinge["plain_accuracy"]  # the whole backbone came back, head included
-    with pytest.raises(ValueError, match="holds a trained resnet18, not resnet50: pass --retrain"):
+    with pytest.raises(ValueError, match="holds a trained test_resnet, not resnet50: pass --retrain"):
         cached_backbone("resnet50", splits.train, tmp_path / "backbone")
+
+    # the Hub folder in plain timm, preprocessing raw images as its config says: the demo's plain accuracy
+    plain = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=plain), is_training=False)
+    images, labels = splits.test.tensors
+    with torch.no_grad():
+        logits = plain(torch.stack([transform(Image.fromarray(image[0].numpy(), mode="L")) for image in images]))
+    assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(hinge["plain_accuracy"], abs=0.003)
 
 
 def test_curves_compare_at_equal_compute_by_interpolation():

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import timm
 
 import timm_dgate
 from timm_dgate import discovery
@@ -40,12 +40,10 @@ def runnable_docs() -> list[Path]:
 
 
 @pytest.fixture
-def demo_workdir(tmp_path, monkeypatch):
-    """A working directory where the demo has left its backbone (a tiny timm model stands in for resnet18)."""
-    model = timm.create_model("test_efficientnet", in_chans=1, num_classes=10)
-    timm.models.save_for_hf(
-        model, tmp_path / "runs/demo/backbone", model_args={"in_chans": 1, "num_classes": 10}, safe_serialization=True
-    )
+def demo_workdir(tmp_path, monkeypatch, trained_backbone):
+    """A working directory where the demo has left its backbone (a tiny timm model, trained the demo's way,
+    stands in for resnet18: a random one scores chance, which calibration refuses)."""
+    shutil.copytree(trained_backbone, tmp_path / "runs/demo/backbone")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(discovery, "_FAMILY_RULES", dict(discovery._FAMILY_RULES))  # snippets may register
     return tmp_path

@@ -198,6 +198,17 @@ def test_profile_argument_and_tradeoff_plot(tmp_path):
     assert loaded.thresholds == gated.profiles["careful"].thresholds
 
 
+def test_model_card_states_how_images_are_preprocessed(tmp_path):
+    """The stored backbone's data config, as timm will read it from config.json (not timm's defaults)."""
+    gated, _ = make_gated("cnn")
+    cfg = {"input_size": (1, SIZE, SIZE), "mean": (0.25,), "std": (0.5,), "interpolation": "bilinear", "crop_pct": 1.0}
+    gated.base_model.pretrained_cfg = {**gated.base_model.pretrained_cfg, **cfg}
+    card = (gated.save_pretrained(tmp_path) / "README.md").read_text()
+    stated = "input 1x64x64, mean 0.25, std 0.5, interpolation bilinear, crop_pct 1.0 (crop_mode center)"
+    assert "## Preprocessing" in card and stated in card
+    assert "timm.data.create_transform(**data_config)" in card
+
+
 def test_attach_to_an_existing_model(tmp_path):
     gated, x = make_gated("cnn")
     gated.save_pretrained(tmp_path)
@@ -273,7 +284,9 @@ def test_gates_only_repo_names_its_base_model(tmp_path, fake_hub, monkeypatch):
     }
     config = json.loads((folder / "dgate_config.json").read_text())
     assert config["backbone"]["source"] == "hub" and config["backbone"]["hub_id"] == "timm/test_vit.base"
-    assert ModelCard.load(folder / "README.md").data.base_model == "timm/test_vit.base"
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "timm/test_vit.base"
+    assert "As the base model's own `pretrained_cfg` says (`timm/test_vit.base`)" in card.text
     fake_hub.add("org/vit-gates", folder)
 
     loaded = timm_dgate.from_pretrained("org/vit-gates")

@@ -1,9 +1,10 @@
 """The fit recipe and the CLI, run as users run them: on real Fashion-MNIST images with a tiny timm model.
 
 The two-process ``accelerate launch`` runs of recipes/fit.py are those of docs/recipes.md,
-checked in tests/test_recipe_docs.py (one launch costs ~20 s here). No network: backbones
-are random ``test_resnet`` weights written to a checkpoint file that the recipe loads with
-``--initial-checkpoint``, as a user's own trained model would be.
+checked in tests/test_recipe_docs.py (one launch costs ~20 s here). No network: the backbone
+is a ``test_resnet`` trained on a Fashion-MNIST slice (the ``trained_backbone`` fixture), whose
+``model.safetensors`` the recipe loads with ``--initial-checkpoint``, as a user's own trained
+model would be; a random one scores chance, which the recipe refuses.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
-import torch
 from PIL import Image
 
 import timm_dgate
@@ -29,12 +28,8 @@ FAST = ["-j", "0", "-b", "64", "--gate-epochs", "30", "--timing-images", "64"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
-    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
-    torch.save(model.state_dict(), path)
-    return path
+def checkpoint(trained_backbone) -> Path:
+    return trained_backbone / "model.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from .calibration import ExitTable, calibrate, tradeoff_curve
 from .config import DGateConfig
 from .discovery import Boundary, family_of, register_family
 from .engine import ExitResult
-from .errors import CalibrationError, HubFormatError, UnsupportedModelError
+from .errors import CalibrationError, ChanceAccuracyError, HubFormatError, UnsupportedModelError
 from .evaluation import EvalReport, evaluate
 from .flops import GateCosts
 from .gates import DecisionGate
@@ -21,6 +21,7 @@ from .version import __version__
 __all__ = [
     "Boundary",
     "CalibrationError",
+    "ChanceAccuracyError",
     "DGateConfig",
     "DecisionGate",
     "EvalReport",

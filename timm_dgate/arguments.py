@@ -71,6 +71,15 @@ def add_target_arguments(parser: argparse.ArgumentParser, drops: Sequence[float]
                        "estimate, e.g. 0.9 (default: the estimate itself)")
 
 
+def add_chance_argument(parser: argparse.ArgumentParser) -> None:
+    """The override of the plain-model check that calibration and evaluation make (``allow_chance_accuracy``)."""
+    parser.add_argument(
+        "--allow-chance-accuracy", action="store_true",
+        help="go on when the plain model scores about chance on the labelled data (by default an error: "
+        "usually a checkpoint that did not load, preprocessing unlike training's, or another class order)",
+    )
+
+
 def check_target_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if any(not 0 <= d < 100 for d in args.max_drop) or any(g <= 0 for g in args.max_gflops):
         parser.error("--max-drop values are points in [0, 100) (0.5 is half a point); --max-gflops values must be > 0")
@@ -93,6 +102,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     gates.add_argument("--gate-lr", type=float, default=0.2, help="Adam learning rate (cosine-decayed)")
     gates.add_argument("--gate-reg", type=float, default=1e-4, help="L2 weight lambda of ||W||^2")
     add_target_arguments(parser)
+    add_chance_argument(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="runs/fit", help="output folder (hub/, cache/, results, plot)")
     out.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUTPUT/cache)")

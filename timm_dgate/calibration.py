@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import FeatureCache, cache_features, check_labels
-from .errors import CalibrationError
+from .errors import CalibrationError, ChanceAccuracyError
 from .flops import GateCosts
 from .profiles import Profile
 from .scores import check_exit_score, exit_score
@@ -311,6 +311,35 @@ def _search(table: ExitTable, target: Target, method: str, max_rounds: int, pric
     return tuple(min(finals, key=lambda t: _rank_of(table, t, goal)))
 
 
+def chance_bound(num_classes: int) -> float:
+    """The accuracy a working plain model clears: twice chance, and at most halfway from chance to perfect.
+
+    Random weights, another class order or badly wrong preprocessing land near chance; the cap
+    keeps the bound reachable with two classes (75%, where twice chance would be 100%).
+    """
+    chance = 1 / num_classes
+    return min(2 * chance, (1 + chance) / 2)
+
+
+def check_plain_accuracy(accuracy: float, num_classes: int, split: str, num_images: int) -> None:
+    """Raise :class:`~timm_dgate.ChanceAccuracyError` when the plain model scores below :func:`chance_bound`.
+
+    Thresholds are chosen relative to the plain model and gates are judged against it: a broken
+    one makes every profile meaningless (all samples out at the first gate "within 0 pt of it").
+    """
+    bound = chance_bound(num_classes)
+    if accuracy >= bound:
+        return
+    raise ChanceAccuracyError(
+        f"the plain model scores {accuracy:.1%} on {num_images} {split} images, about chance for {num_classes} "
+        f"classes ({1 / num_classes:.1%}; a working model clears {bound:.0%}), so gates calibrated or measured "
+        "against it mean nothing. Usual causes: a checkpoint that did not load (random weights), preprocessing "
+        "that does not match training (input size, mean/std, resize/crop: the model's pretrained_cfg), or labels "
+        "in another class order than the model's head. To go on anyway pass allow_chance_accuracy=True "
+        "(--allow-chance-accuracy on the command line)."
+    )
+
+
 def validation_cache(model: GatedModel, data: object, progress: bool = True) -> FeatureCache:
     """A validation cache from a loader, or ``data`` itself if it is one (refusing the test split)."""
     if isinstance(data, FeatureCache):
@@ -339,6 +368,7 @@ def calibrate(
     exit_score: str | None = None,
     activate: bool = True,
     split: str | None = None,
+    allow_chance_accuracy: bool = False,
 ) -> Profile:
     """Choose thresholds on validation ``data`` (a loader or a validation :class:`FeatureCache`).
 
@@ -359,6 +389,8 @@ def calibrate(
     cache = validation_cache(model, data)
     score = exit_score or model.exit_score
     table = ExitTable.from_cache(model, cache, score)
+    if not allow_chance_accuracy:
+        check_plain_accuracy(table.plain_accuracy, model.num_classes, cache.split, len(cache.labels))
     thresholds = search_thresholds(table, target, method)
     accuracy, gflops, fractions = table.evaluate(thresholds)
     profile = Profile(
@@ -383,16 +415,18 @@ def calibrate_targets(
     max_drop_points: Sequence[float] = (),
     max_gflops: Sequence[float] = (),
     confidence: float | None = None,
+    allow_chance_accuracy: bool = False,
 ) -> list[Profile]:
     """One profile per target, named ``drop-<pt>pt`` (drops in points) / ``gflops-<G>``; the first is active.
 
     ``split`` is what each profile records as the images that chose it.
     """
+    options = {"split": split, "allow_chance_accuracy": allow_chance_accuracy}
     profiles = [
-        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt", split=split)
+        calibrate(model, cache, max_drop=d / 100, confidence=confidence, name=f"drop-{d:g}pt", **options)
         for d in max_drop_points
     ]
-    profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}", split=split) for g in max_gflops]
+    profiles += [calibrate(model, cache, max_gflops=g, name=f"gflops-{g:g}", **options) for g in max_gflops]
     model.use_profile(profiles[0].name)
     return profiles
 

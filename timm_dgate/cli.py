@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .arguments import (
     DESCRIPTION,
+    add_chance_argument,
     add_data_arguments,
     add_fit_arguments,
     add_target_arguments,
@@ -22,14 +23,14 @@ from .arguments import (
     check_fit_arguments,
     check_target_arguments,
 )
-from .errors import CalibrationError, HubFormatError, InputError, UnsupportedModelError
+from .errors import CalibrationError, ChanceAccuracyError, HubFormatError, InputError, UnsupportedModelError
 
 
 def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> int:
     """Run ``call``; a user error ends the program like an argparse error: one line, exit code 2, no traceback."""
     try:
         return call()
-    except (InputError, UnsupportedModelError, HubFormatError, CalibrationError) as error:
+    except (InputError, UnsupportedModelError, HubFormatError, CalibrationError, ChanceAccuracyError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
@@ -97,7 +98,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"calibrating on {len(val)} validation images ({val.source})")
     cache = cache_features(gated, data.loader(val), split="validation")
     profiles = calibrate_targets(
-        gated, cache, f"{VALIDATION}{val.source}", args.max_drop, args.max_gflops, args.confidence
+        gated, cache, f"{VALIDATION}{val.source}", args.max_drop, args.max_gflops, args.confidence,
+        allow_chance_accuracy=args.allow_chance_accuracy,
     )
     print(profiles_table(profiles))
     out = gated.save_pretrained(args.output or args.folder)  # gates-only stays gates-only (the config says)
@@ -110,7 +112,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     gated, data = _load(args)
     test = data.test()
-    report = evaluate(gated, data.loader(test), args.profile, split=args.test_split, timing_images=args.timing_images)
+    report = evaluate(gated, data.loader(test), args.profile, split=args.test_split, timing_images=args.timing_images,
+                      allow_chance_accuracy=args.allow_chance_accuracy)
     print(f"{args.test_split}: {len(test)} images ({test.source})\n")
     print(report.table())
     if args.json:
@@ -215,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate_cmd = _folder_command(sub, "calibrate", "calibrate new threshold profiles on validation data; save back")
     add_target_arguments(calibrate_cmd)
+    add_chance_argument(calibrate_cmd)
     calibrate_cmd.add_argument("--output", default=None, help="folder to save to (default: the folder itself)")
     calibrate_cmd.set_defaults(func=_calibrate, check=_check_calibrate)
 
@@ -223,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--profile", nargs="+", default=None, help="profiles to measure (default: all)")
     eval_cmd.add_argument("--timing-images", type=int, default=1024, help="images timed against the plain model")
     eval_cmd.add_argument("--json", default=None, help="also write the report to this JSON file")
+    add_chance_argument(eval_cmd)
     eval_cmd.set_defaults(func=_eval, check=_check_eval)
 
     bench_cmd = _folder_command(sub, "bench", "images/s of each profile against the plain model, per batch size")

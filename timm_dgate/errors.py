@@ -27,5 +27,13 @@ class CalibrationError(ValueError):
     """A calibration target cannot be met on the validation data; the message names the best reachable value."""
 
 
+class ChanceAccuracyError(ValueError):
+    """The plain model scores about chance on labelled data, so gates calibrated or measured against it mean nothing.
+
+    Raised by ``calibrate`` and ``evaluate`` (and so the recipe and the CLI) unless
+    ``allow_chance_accuracy=True``; the message names the usual causes.
+    """
+
+
 class UntrainedHeadWarning(UserWarning):
     """The model's classifier looks freshly initialised: gates fitted to it would learn a random head."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import check_labels
+from .calibration import check_plain_accuracy
 from .progress import progress_bar
 from .reports import evaluation_table
 from .timing import interleaved, per_image
@@ -98,6 +99,7 @@ def evaluate(
     repeats: int = 3,
     record: bool = False,
     progress: bool = True,
+    allow_chance_accuracy: bool = False,
 ) -> EvalReport:
     """Run every profile (default: all stored) over ``data`` and time it against the plain model.
 
@@ -106,6 +108,9 @@ def evaluate(
     ``record=True`` each profile's metrics are also written into ``profile.test`` (and so into
     what ``save_pretrained`` writes); otherwise nothing on the model changes: thresholds, exit
     score, active profile and train/eval mode are left exactly as found.
+
+    A plain model at about chance accuracy on ``data`` raises :class:`~timm_dgate.ChanceAccuracyError`
+    before any profile runs, unless ``allow_chance_accuracy=True``.
     """
     names = list(profiles if profiles is not None else model.profiles)
     device = next(model.parameters()).device
@@ -117,6 +122,8 @@ def evaluate(
         for x, y in progress_bar(_batches(data, device, num_classes), "plain model", enabled=progress):
             correct += (plain(x).argmax(1) == y).sum().item()
             total += len(y)
+        if not allow_chance_accuracy:
+            check_plain_accuracy(correct / total, num_classes, split, total)
         timing = _timing_batches(data, device, timing_images, num_classes)
         results = []
         for name in progress_bar(names, f"profiles on {split}", enabled=progress):

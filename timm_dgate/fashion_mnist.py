@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -31,6 +32,7 @@ CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 MEAN, STD = 0.2860, 0.3530
+IMAGE_SIZE = 28  # pixels a side of every Fashion-MNIST image
 
 
 def default_root() -> Path:
@@ -98,7 +100,8 @@ def preprocess(images: torch.Tensor, size: int = 32, augment: bool = False) -> t
     """
     x = (images.float() / 255.0 - MEAN) / STD
     pad = (size - x.shape[-1]) // 2
-    x = torch.nn.functional.pad(x, (pad, size - 28 - pad, pad, size - 28 - pad), value=-MEAN / STD)
+    rest = size - IMAGE_SIZE - pad
+    x = torch.nn.functional.pad(x, (pad, rest, pad, rest), value=-MEAN / STD)
     if augment:
         shift = 4
         x = torch.nn.functional.pad(x, (shift,) * 4, value=-MEAN / STD)
@@ -107,6 +110,24 @@ def preprocess(images: torch.Tensor, size: int = 32, augment: bool = False) -> t
         flip = torch.rand(x.shape[0]) < 0.5
         x[flip] = x[flip].flip(-1)
     return x.contiguous()
+
+
+def timm_data_config(size: int = 32) -> dict[str, Any]:
+    """The timm data config under which ``create_transform`` reads a raw image exactly as :func:`preprocess` does.
+
+    timm's eval transform resizes the shorter side to ``floor(size / crop_pct)`` and centre-crops
+    ``size``. At 28 that resize is a no-op, and the crop pads with black pixels, which normalise
+    to the ``-MEAN / STD`` that ``preprocess`` pads with. ``crop_pct`` (``size / 28``) is rounded
+    down to 4 decimals because ``floor`` of the exact quotient lands on 27 for some sizes.
+    """
+    return {
+        "input_size": (1, size, size),
+        "interpolation": "bilinear",
+        "mean": (MEAN,),
+        "std": (STD,),
+        "crop_pct": math.floor(size / IMAGE_SIZE * 10_000) / 10_000,
+        "crop_mode": "center",
+    }
 
 
 class TensorBatches:

@@ -37,7 +37,7 @@ from .discovery import model_name
 from .errors import HubFormatError
 from .probe import default_input_size
 from .profiles import Profile, decode_thresholds, encode_thresholds
-from .reports import profiles_table
+from .reports import data_config_summary, profiles_table
 from .version import __version__
 
 GATES_NAME = "gates.safetensors"
@@ -152,7 +152,10 @@ def write_model_card(
         pipeline_tag="image-classification",
         base_model=hf_split(config.base_model)[0] if config.base_model else None,
     )
-    sections = [_card_intro(config, backbone_gflops), _card_usage(config, repo_id), profiles_table(profiles)]
+    sections = [
+        _card_intro(config, backbone_gflops), _card_usage(config, repo_id), _card_preprocessing(folder, config),
+        profiles_table(profiles),
+    ]
     if (folder / PLOT_NAME).is_file():
         sections.append(f"## Accuracy vs. cost\n\n![accuracy against GFLOPs per image]({PLOT_NAME})\n")
     backbone_files = (
@@ -202,6 +205,23 @@ def _card_usage(config: DGateConfig, repo_id: str | None) -> str:
         lines += ["", "import timm", "", plain]
     lines.append("```\n")
     return "\n".join(lines)
+
+
+def _card_preprocessing(folder: Path, config: DGateConfig) -> str:
+    """How images are prepared for the model: as the stored backbone's ``pretrained_cfg`` says, or the base model's."""
+    if config.include_backbone:
+        cfg = read_json(folder / BACKBONE_CONFIG_NAME, "the backbone's config").get("pretrained_cfg", {})
+        said = (
+            f"As the backbone's `pretrained_cfg` in `{BACKBONE_CONFIG_NAME}` says, which timm's "
+            f"`resolve_data_config` and `create_transform` follow: {data_config_summary(cfg)}."
+        )
+    else:
+        said = f"As the base model's own `pretrained_cfg` says (`{config.base_model}`)."
+    return (
+        f"## Preprocessing\n\n{said}\n\n```python\nimport timm\n\n"
+        "data_config = timm.data.resolve_data_config(model=model.base_model)\n"
+        "transform = timm.data.create_transform(**data_config)  # a PIL image -> the tensor the model takes\n```\n"
+    )
 
 
 # ---- reading ----------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from .datasets import VALIDATION, DataConfig, RecipeData, SplitData, data_config
 from .distributed import Reducer
 from .errors import InputError
 from .evaluation import EvalReport, evaluate
+from .hub import BACKBONE_CONFIG_NAME
 from .model import GatedModel, wrap
 from .plots import plot_tradeoff
-from .reports import recipe_results
+from .reports import data_config_summary, recipe_results
 from .training import FitReport, fit
 from .version import __version__
 
@@ -64,6 +65,7 @@ class RecipeConfig:
     cache_dir: str | None = None
     timing_images: int = 1024
     push_to_hub: str | None = None
+    allow_chance_accuracy: bool = False
 
     def __post_init__(self) -> None:
         if self.initial_checkpoint and not Path(self.initial_checkpoint).is_file():
@@ -93,8 +95,15 @@ class RecipeConfig:
         return "pretrained" if self.pretrained else f"random init, seed {self.seed}"
 
 
-def build_model(config: RecipeConfig) -> nn.Module:
-    """The timm model as train.py would build it, weights loaded, in eval mode (same init on every rank)."""
+def build_model(config: RecipeConfig) -> tuple[nn.Module, str]:
+    """The timm model as train.py would build it, weights loaded, in eval mode (same init on every rank), and
+    where its ``pretrained_cfg`` (so its default preprocessing) came from.
+
+    timm's ``load_checkpoint`` reads weights only. A checkpoint saved in timm's layout
+    (``save_for_hf``) has a ``config.json`` beside it whose ``pretrained_cfg`` says how those
+    weights want their images; it replaces timm's default for the architecture, which
+    describes timm's own weights (often ImageNet's 224 px and mean/std).
+    """
     kwargs = {k: v for k, v in (("num_classes", config.num_classes), ("in_chans", config.in_chans)) if v is not None}
     torch.manual_seed(config.seed)
     try:
@@ -103,12 +112,45 @@ def build_model(config: RecipeConfig) -> nn.Module:
         close = difflib.get_close_matches(config.model, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"timm could not create {config.model!r}: {error}{hint}") from error
+    cfg = model.pretrained_cfg
+    name = ".".join(str(part) for part in (cfg.get("architecture"), cfg.get("tag")) if part)
+    origin = (
+        f"timm's pretrained_cfg of the --pretrained weights, {name}" if config.pretrained
+        else f"timm's defaults for {config.model} (pretrained_cfg {name}, made for timm's own weights)"
+    )
     if config.initial_checkpoint:
         try:
             timm.models.load_checkpoint(model, config.initial_checkpoint)
         except (RuntimeError, ValueError, OSError, KeyError) as error:
             raise InputError(f"cannot load --initial-checkpoint {config.initial_checkpoint}: {error}") from error
-    return model.eval()
+        saved = Path(config.initial_checkpoint).with_name(BACKBONE_CONFIG_NAME)
+        saved_cfg = _saved_pretrained_cfg(saved)
+        if saved_cfg is not None:
+            model.pretrained_cfg = {"architecture": cfg.get("architecture"), **saved_cfg}
+            origin = f"the checkpoint's pretrained_cfg in {saved}"
+    return model.eval(), origin
+
+
+def _saved_pretrained_cfg(path: Path) -> dict[str, Any] | None:
+    """``pretrained_cfg`` of a timm ``config.json``; None when there is no such file or it is another kind."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}, beside --initial-checkpoint, is not valid JSON: {error}") from error
+    cfg = saved.get("pretrained_cfg") if isinstance(saved, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def preprocessing_source(config: RecipeConfig, origin: str) -> str:
+    """Which flags set the preprocessing, and where the rest came from (``origin``, from :func:`build_model`)."""
+    flags = [
+        flag for flag, value in (("--input-size", config.input_size), ("--img-size", config.img_size),
+                                 ("--mean", config.mean), ("--std", config.std))
+        if value
+    ]
+    return f"{', '.join(flags)} from flags; the rest from {origin}" if flags else f"from {origin}"
 
 
 def wrap_model(model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...]) -> GatedModel:
@@ -154,10 +196,12 @@ def run_fit(config: RecipeConfig) -> int:
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     reducer = Reducer(accelerator)
     say = accelerator.print
-    model = build_model(config)
+    model, origin = build_model(config)
     if not (config.pretrained or config.initial_checkpoint):
         say("warning: no --pretrained or --initial-checkpoint, so the backbone has random weights")
     preprocessing = data_config(model, config.input_size, config.img_size, config.mean, config.std)
+    source = preprocessing_source(config, origin)
+    say(f"preprocessing: {data_config_summary(preprocessing)} ({source})")
     gated = wrap_model(model, config.gates, preprocessing["input_size"]).to(accelerator.device)
     data = RecipeData(config.data, preprocessing)
     splits = data.splits()
@@ -189,14 +233,16 @@ def run_fit(config: RecipeConfig) -> int:
         return 0
     calibrate_targets(
         gated, held_out["validation"], f"{VALIDATION}{splits['validation'].source}",
-        config.max_drop, config.max_gflops, config.confidence,
+        config.max_drop, config.max_gflops, config.confidence, allow_chance_accuracy=config.allow_chance_accuracy,
     )
     test_report = None
     if "test" in splits:
         test_report = evaluate(gated, data.loader(splits["test"]), split=config.data.test_split,
-                               timing_images=config.timing_images, record=True)
+                               timing_images=config.timing_images, record=True,
+                               allow_chance_accuracy=config.allow_chance_accuracy)
         say(test_report.table())
-    write_outputs(out, gated, config, splits, report, held_out, test_report)
+    recorded = {"data_config": preprocessing, "source": source}
+    write_outputs(out, gated, config, splits, report, held_out, test_report, recorded)
     return 0
 
 
@@ -208,8 +254,13 @@ def write_outputs(
     report: FitReport,
     held_out: dict[str, FeatureCache],
     test_report: EvalReport | None,
+    preprocessing: dict[str, Any],
 ) -> None:
-    """The trade-off plot, results.md/json and the Hub folder; pushes if asked."""
+    """The trade-off plot, results.md/json and the Hub folder; pushes if asked.
+
+    ``preprocessing``: the timm data config every split was read with (``data_config``) and where it came from
+    (``source``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     profiles = list(gated.profiles.values())
     measured = "test" if "test" in held_out else "validation"
@@ -224,7 +275,8 @@ def write_outputs(
     hub = gated.save_pretrained(out / HUB_DIR, tradeoff_plot=out / PLOT_NAME)
     sizes = {name: {"images": len(s), "source": s.source} for name, s in splits.items()}
     results = {
-        "config": asdict(config), "data": sizes, "gates": [b.name for b in gated.boundaries],
+        "config": asdict(config), "data": sizes, "preprocessing": preprocessing,
+        "gates": [b.name for b in gated.boundaries],
         "plain_gflops": gated.costs.backbone / 1e9, "fit": asdict(report),
         "profiles": [p.to_dict() for p in profiles], "test": asdict(test_report) if test_report else None,
     }
@@ -232,7 +284,8 @@ def write_outputs(
     data = "; ".join(f"{name} {s['images']} images ({s['source']})" for name, s in sizes.items())
     (out / RESULTS_MD).write_text(recipe_results(
         f"{config.model} with {gated.gate_loss} decision gates",
-        f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {data}.",
+        f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {data}.\n\n"
+        f"Preprocessing: {data_config_summary(preprocessing['data_config'])} ({preprocessing['source']}).",
         [(b.name, a) for b, a in zip(gated.boundaries, report.train_accuracy)],
         gated.costs.backbone / 1e9, profiles, test_report, PLOT_NAME,
     ))

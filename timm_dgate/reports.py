@@ -31,6 +31,19 @@ def _thresholds(values: Sequence[float]) -> str:
     return ", ".join("closed" if t == math.inf else f"{t:.3g}" for t in values)
 
 
+def data_config_summary(config: Mapping[str, Any]) -> str:
+    """A timm data config (or ``pretrained_cfg``) in one line: what ``create_transform`` does to an image."""
+
+    def values(key: str) -> str:
+        return ", ".join(f"{v:.4g}" for v in config[key])
+
+    size = "x".join(str(v) for v in config["input_size"])
+    return (
+        f"input {size}, mean {values('mean')}, std {values('std')}, interpolation {config.get('interpolation')}, "
+        f"crop_pct {config.get('crop_pct')} (crop_mode {config.get('crop_mode') or 'center'})"
+    )
+
+
 def profiles_table(profiles: Sequence[Profile]) -> str:
     """Markdown section listing each profile with what it was measured at (model card, recipe results)."""
     if not profiles:

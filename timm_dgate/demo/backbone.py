@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..fashion_mnist import CLASSES, preprocess
+from ..fashion_mnist import CLASSES, preprocess, timm_data_config
 from ..progress import progress_bar
 
 
@@ -62,6 +63,32 @@ def accuracy(model: nn.Module, data: TensorDataset, input_size: int = 32, batch_
     return correct / len(labels)
 
 
+def trained_cfg(model: nn.Module, name: str, input_size: int) -> dict[str, Any]:
+    """The ``pretrained_cfg`` of a backbone trained here, which timm's ``save_for_hf`` writes into ``config.json``.
+
+    timm's default for the architecture describes its ImageNet weights (a tag such as
+    ``a1_in1k``, 224 px, ImageNet mean/std, a resize and crop): anything that follows timm's
+    conventions would preprocess this model wrongly. This one says what training fed it
+    (:func:`~timm_dgate.fashion_mnist.timm_data_config`) and claims no pretrained source.
+    """
+    default = model.pretrained_cfg
+    return {
+        "architecture": name,
+        "num_classes": len(CLASSES),
+        "label_names": list(CLASSES),
+        **timm_data_config(input_size),
+        "first_conv": default.get("first_conv"),
+        "classifier": default.get("classifier"),
+        "description": f"trained from scratch on Fashion-MNIST ({input_size} px, zero-padded) by timm_dgate",
+    }
+
+
+def _save(model: nn.Module, folder: Path, name: str, input_size: int) -> None:
+    model.pretrained_cfg = trained_cfg(model, name, input_size)
+    model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
+    timm.models.save_for_hf(model, folder, model_args=model_args, safe_serialization=True)
+
+
 def cached_backbone(
     name: str,
     train: TensorDataset,
@@ -74,23 +101,32 @@ def cached_backbone(
 ) -> nn.Module:
     """A timm ``name`` trained on Fashion-MNIST, kept in ``folder`` in timm's own layout.
 
-    The first call trains and saves it (``timm.models.save_for_hf``); later calls load it,
-    so reruns of the demo and the benchmarks skip training.
+    The first call trains and saves it (``timm.models.save_for_hf``) with its real preprocessing
+    in ``config.json`` (:func:`trained_cfg`); later calls load it, so reruns of the demo and the
+    benchmarks skip training. A folder saved by an older timm_dgate, whose ``config.json``
+    carries timm's ImageNet defaults, gets that config rewritten: the weights are unchanged.
     """
     folder = Path(folder)
-    model_args = {"in_chans": 1, "num_classes": len(CLASSES)}
     if (folder / "model.safetensors").exists() and not retrain:
-        saved = json.loads((folder / "config.json").read_text())["architecture"]
+        config = json.loads((folder / "config.json").read_text())
+        saved = config["architecture"]
         if saved != name:
             raise ValueError(f"{folder} holds a trained {saved}, not {name}: pass --retrain or another output folder")
         print(f"Backbone: loading the {name} trained earlier from {folder} (--retrain to train again)")
         # timm's own loader for its layout: the saved config carries num_classes, so the head is kept
-        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        expected = json.loads(json.dumps(trained_cfg(model, name, input_size)))  # as config.json holds it
+        saved_cfg = config.get("pretrained_cfg", {})
+        if "tag" in saved_cfg or any(saved_cfg.get(k) != v for k, v in expected.items() if k != "architecture"):
+            _save(model, folder, name, input_size)
+            print(f"  rewrote {folder / 'config.json'}: it described timm's defaults for {name}, "
+                  "not the preprocessing the backbone was trained with")
+        return model
     print(f"Backbone: training timm {name} on Fashion-MNIST for {epochs} epochs")
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **model_args)
+    model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=len(CLASSES))
     start = time.perf_counter()
     train_backbone(model, train, epochs=epochs, input_size=input_size, seed=seed)
-    timm.models.save_for_hf(model, folder, model_args=model_args, safe_serialization=True)
+    _save(model, folder, name, input_size)
     print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
     return model.eval()
