@@ -63,10 +63,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str,
     ideal = gated.costs.backbone / gated.costs.average(exits, half)
     plain_compiled = torch.compile(copy.deepcopy(plain), dynamic=True)
     gated_compiled = copy.deepcopy(gated)
-    gated_compiled.compile()
+    segments = gated_compiled.compile()
     probe = images[: max(args.batch_sizes)]
     compile_s = {"plain compiled": first_call_seconds(plain_compiled, probe),
-                 "gated compiled": first_call_seconds(gated_compiled, probe)}
+                 "gated compiled": first_call_seconds(gated_compiled, probe), "segments": len(segments)}
     runs = {"plain eager": plain, "plain compiled": plain_compiled, "gated eager": gated,
             "gated compiled": gated_compiled}
     rows = []
@@ -98,7 +98,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, float]], compile_s: di
         "against the plain model in the same mode; *fraction* is speed-up / FLOPs ideal.",
         "",
         f"First call (compile) seconds: plain {compile_s['plain compiled']:.1f}, "
-        f"gated {compile_s['gated compiled']:.1f} ({len(gated._segments)} segments).",
+        f"gated {compile_s['gated compiled']:.1f} ({compile_s['segments']} segments); inductor's kernel cache "
+        "(`/tmp/torchinductor_*`) was warm from an earlier run, a cold first compile takes minutes on 2 cores.",
         "",
         "| batch | plain eager img/s | plain compiled img/s | gated eager img/s | gated compiled img/s "
         "| eager speed-up (fraction) | compiled speed-up (fraction) |",
