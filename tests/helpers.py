@@ -1,7 +1,10 @@
-"""Helpers the tests share: batches of the real Fashion-MNIST slice, and tiny gated timm models for it."""
+"""Helpers the tests share: batches of the real Fashion-MNIST slice, tiny gated timm models for it, and
+multi-process launches that survive a port taken under them."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -34,3 +37,16 @@ def trained_gated(folder: Path) -> timm_dgate.GatedModel:
 def hooks(model: nn.Module) -> int:
     """Forward hooks on ``model`` and its submodules: 0 once nothing is attached."""
     return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def run_launch(args: Sequence[str], attempts: int = 3, **kwargs: object) -> subprocess.CompletedProcess:
+    """Run a command that starts distributed processes; again if another program took its port first.
+
+    The launches ask for port 0, so the OS picks a free one, but the launcher releases it before
+    torch binds it, and on a shared machine someone else may take it in between.
+    """
+    for _ in range(attempts):
+        done = subprocess.run(args, capture_output=True, text=True, **kwargs)
+        if done.returncode == 0 or "EADDRINUSE" not in done.stderr:
+            break
+    return done

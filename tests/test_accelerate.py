@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .helpers import batches, tiny_gated
+from .helpers import batches, run_launch, tiny_gated
 
 WORKER = Path(__file__).parent / "workers" / "fit_worker.py"
 # Two processes sum their gradients in another order than one process does: float32
 # round-off only. The gates' margins on held-out data agree to this fraction of their scale.
 RELATIVE_TOLERANCE = 1e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -32,12 +25,13 @@ def _env() -> dict[str, str]:
 
 def test_two_processes_end_with_identical_gates_matching_one_process(tmp_path, fmnist):
     launcher = Path(sys.executable).with_name("accelerate")
-    subprocess.run(
+    launched = run_launch(
         [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",  # any free port
          str(WORKER), str(tmp_path)],
-        check=True, env=_env(), timeout=300,
+        env=_env(), timeout=300,
     )
+    assert launched.returncode == 0, launched.stderr[-3000:]
     subprocess.run([sys.executable, str(WORKER), str(tmp_path)], check=True, env=_env(), timeout=300)
     rank0 = load_file(tmp_path / "gates_rank0_of2.safetensors")
     rank1 = load_file(tmp_path / "gates_rank1_of2.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -148,6 +149,46 @@ def test_calibration_refuses_the_test_split(fmnist):
     test_cache = cache_features(gated, batches(fmnist.test), split="test", progress=False)
     with pytest.raises(ValueError, match="must not see the test split"):
         timm_dgate.calibrate(gated, test_cache, max_drop=0.01)
+
+
+def one_batch(data, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` preprocessed images of ``data`` and their labels."""
+    return batches(data, count)[0]
+
+
+def mixed(*parts: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A one-batch loader of the images of ``parts`` together."""
+    return [(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))]
+
+
+def test_calibration_refuses_images_the_gates_were_fit_on_whatever_they_are_called(fmnist):
+    """Recognised by their pixels: a training cache renamed ``validation``, or a loader over training images."""
+    gated = tiny_gated()
+    train, val = one_batch(fmnist.train, 400), one_batch(fmnist.val, 200)
+    cache = cache_features(gated, [train], progress=False)
+    timm_dgate.fit(gated, cache, epochs=5, progress=False)
+    fit_on = "are images the gates were fit on"
+    with pytest.raises(ValueError, match=f"400 of the 400 calibration images {fit_on}"):
+        gated.calibrate(dataclasses.replace(cache, split="validation"), max_drop=0.05)
+    leaky = mixed((val[0][:190], val[1][:190]), (train[0][:10], train[1][:10]))
+    with pytest.raises(ValueError, match=f"10 of the 200 calibration images {fit_on}"):
+        gated.calibrate(leaky, max_drop=0.05)
+    timm_dgate.fit(gated, [train], epochs=1, stream=True, progress=False)  # streaming records its images too
+    with pytest.raises(ValueError, match=f"400 of the 400 calibration images {fit_on}"):
+        gated.calibrate([train], max_drop=0.05)
+    assert gated.profiles == {}
+    one_duplicate = mixed(val, (train[0][:1], train[1][:1]))  # public data sets hold a few across splits
+    assert gated.calibrate(one_duplicate, max_drop=0.05).split == "validation"
+
+
+def test_calibration_refuses_images_evaluate_already_measured(fmnist):
+    gated = tiny_gated()
+    timm_dgate.fit(gated, [one_batch(fmnist.train, 400)], epochs=5, progress=False)
+    test = [one_batch(fmnist.test, 200)]
+    timm_dgate.evaluate(gated, test, timing_images=16, repeats=1, progress=False)
+    with pytest.raises(ValueError, match=r"200 of the 200 calibration images are images evaluate\(\) already measured"):
+        gated.calibrate(test, max_drop=0.05)  # a loader: calibrate itself labels it validation
+    assert gated.calibrate([one_batch(fmnist.val, 200)], max_drop=0.05).split == "validation"
 
 
 @pytest.mark.parametrize(

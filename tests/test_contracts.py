@@ -106,6 +106,31 @@ def test_shuffling_the_batch_permutes_the_outputs(family):
 
 
 @torch.no_grad()
+def test_later_stages_compute_only_the_samples_still_in_the_batch(family):
+    """Exited samples are removed, not masked: each later stage's output has one row per survivor."""
+    gated, x, _ = family
+    thresholds, exits, _ = _thresholds_for_spread_exits(gated, x)
+    last_stage = timm_dgate.discovery.feature_boundaries(gated.base_model)[-1].module
+    expected = {b.module: int((exits >= k).sum()) for k, b in enumerate(gated.boundaries)}
+    expected[last_stage] = int((exits == gated.num_gates).sum())
+    seen: dict[str, list[int]] = {name: [] for name in expected}
+    handles = [  # prepend: see each output before the engine's own hook takes samples out of it
+        gated.base_model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: seen[name].append(out.shape[0]), prepend=True
+        )
+        for name in expected
+    ]
+    try:
+        with thresholds_in_force(gated, thresholds):
+            gated(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert expected[last_stage] < BATCH
+    assert seen == {name: [rows] for name, rows in expected.items()}
+
+
+@torch.no_grad()
 def test_all_exit_at_first_gate_skips_later_stages(family):
     gated, x, _ = family
     calls = []

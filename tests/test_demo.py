@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end_reuses_its_backbone_and_publishes_what_plain_timm_
     assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
     published = timm_dgate.from_pretrained(tmp_path / "hub")
     assert list(published.profiles) == [p["name"] for p in hinge["profiles"]]
-    assert all(p.test["split"] == "test" for p in published.profiles.values())
+    assert all(p.split == "validation" and p.test["split"] == "test" for p in published.profiles.values())
 
     splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)
     again = cached_backbone(cfg.model, splits.train, tmp_path / "backbone")  # what a rerun of the demo does

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from timm_dgate.cache import FeatureCache, cache_features
+from timm_dgate.losses import DEFAULT_EXIT_SCORE, cross_entropy, multiclass_hinge
 from timm_dgate.training import fit
 
 from .helpers import batches, tiny_gated
+
+LOSSES = {"hinge": multiclass_hinge, "ce": cross_entropy}
 
 
 def _backbone_state(gated) -> dict[str, torch.Tensor]:
@@ -49,10 +53,49 @@ def test_fit_is_repeatable_and_cache_equals_loader(fmnist):
         assert torch.equal(ga.fc.weight, gb.fc.weight) and torch.equal(ga.fc.bias, gb.fc.bias)
 
 
-def test_cross_entropy_gates_read_softmax_scores(fmnist):
+@pytest.fixture(scope="module")
+def caches(fmnist) -> tuple[FeatureCache, FeatureCache]:
+    """Train and validation caches of ``tiny_gated()``'s backbone, shared: each test fits fresh gates on them."""
     gated = tiny_gated()
-    fit(gated, batches(fmnist.train), loss="ce", epochs=30, progress=False)
-    assert gated.exit_score == "softmax" and gated.gate_loss == "ce"
+    return (cache_features(gated, batches(fmnist.train), progress=False),
+            cache_features(gated, batches(fmnist.val), split="validation", progress=False))
+
+
+def gate_accuracy(gated, cache: FeatureCache) -> list[float]:
+    return [(m.argmax(1) == cache.labels).float().mean().item() for m in cache.margins(gated.gates)]
+
+
+def test_each_gate_loss_trains_gates_that_minimise_that_loss(caches):
+    """``loss="ce"`` really trains cross-entropy gates: each fit ends lower on its own loss than the other fit."""
+    train, _ = caches
+    scored = {}
+    for loss in ("hinge", "ce"):
+        gated = tiny_gated()
+        fit(gated, train, loss=loss, epochs=30, progress=False)
+        margins = train.margins(gated.gates)
+        scored[loss] = {name: [fn(m, train.labels).item() for m in margins] for name, fn in LOSSES.items()}
+        assert gated.gate_loss == loss and gated.exit_score == DEFAULT_EXIT_SCORE[loss]
+    for k in range(3):
+        assert scored["ce"]["ce"][k] < scored["hinge"]["ce"][k], f"gate {k}"
+        assert scored["hinge"]["hinge"][k] < scored["ce"]["hinge"][k], f"gate {k}"
+
+
+def test_a_larger_l2_weight_gives_smaller_gate_weights(caches):
+    norms = {}
+    for reg in (0.0, 0.05):
+        gated = tiny_gated()
+        fit(gated, caches[0], epochs=30, reg=reg, progress=False)
+        norms[reg] = [g.fc.weight.norm().item() for g in gated.gates]
+    assert all(strong < weak for strong, weak in zip(norms[0.05], norms[0.0])), norms
+
+
+def test_streaming_fit_learns_gates_about_as_accurate_as_the_cached_fit(fmnist, caches):
+    train, val = caches
+    cached, streamed = tiny_gated(), tiny_gated()
+    fit(cached, train, epochs=30, progress=False)
+    fit(streamed, batches(fmnist.train, 100), epochs=4, stream=True, progress=False)
+    for k, (c, s) in enumerate(zip(gate_accuracy(cached, val), gate_accuracy(streamed, val))):
+        assert s >= c - 0.05 and s > 0.4, f"gate {k}: streamed {s:.3f}, cached {c:.3f}"
 
 
 def test_cache_spills_to_disk_past_its_memory_bound(fmnist, tmp_path):
@@ -63,6 +106,8 @@ def test_cache_spills_to_disk_past_its_memory_bound(fmnist, tmp_path):
     assert list(tmp_path.iterdir()), "nothing was written to disk"
     for a, b in zip(in_memory.features, spilled.features):
         assert torch.equal(a, b)
+    assert torch.equal(in_memory.fingerprints, spilled.fingerprints)
     in_memory.save(tmp_path / "cache.safetensors")
     loaded = FeatureCache.load(tmp_path / "cache.safetensors")
     assert loaded.split == "train" and torch.equal(loaded.labels, in_memory.labels)
+    assert torch.equal(loaded.fingerprints, in_memory.fingerprints)  # a reloaded cache still knows its images

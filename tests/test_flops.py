@@ -51,6 +51,23 @@ def test_full_cost_is_plain_model_plus_every_gate(gated):
     assert costs.full == plain + sum(gates)
 
 
+def truncated_backbone(model: torch.nn.Module, last: str) -> torch.nn.Sequential:
+    """test_resnet's stem and stages up to and including ``last``, built by hand (no hooks)."""
+    names = ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return torch.nn.Sequential(*(model.get_submodule(n) for n in names[: names.index(last) + 1]))
+
+
+def test_cost_up_to_each_gate_is_the_backbone_truncated_there(gated):
+    """What the FLOPs reduction rests on: the cost of reaching each gate, against the backbone cut there by hand."""
+    x = torch.zeros(1, *gated.input_size)
+    for k, boundary in enumerate(gated.boundaries):
+        upto = count_flops(truncated_backbone(gated.base_model, boundary.module), x)
+        assert upto > 0
+        assert gated.costs.to_gate[k] == upto, boundary.name
+        by_hand = upto + sum(2 * b.num_chs * gated.num_classes for b in gated.boundaries[: k + 1])
+        assert gated.costs.cumulative()[k] == by_hand
+
+
 def test_a_gate_costs_two_flops_per_multiply_add(gated):
     for boundary, cost in zip(gated.boundaries, gated.costs.gate):
         assert cost == 2 * boundary.num_chs * gated.num_classes

@@ -9,6 +9,7 @@ model would be; a random one scores chance, which the recipe refuses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 
 import timm_dgate
 from timm_dgate import cli, recipe
+from timm_dgate.datasets import DataConfig, RecipeData, SplitData, data_config
 from timm_dgate.fashion_mnist import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +90,26 @@ def test_fit_subcommand_holds_out_validation_and_saves_a_loadable_folder(fitted)
     assert set(gated.profiles) == {"drop-0pt", "drop-1pt", "gflops-0.007"}
     assert {p.split for p in gated.profiles.values()} == {"validation: 0.25 of 'train' held out (seed 42)"}
     assert gated.base_model.pretrained_cfg["input_size"] == (1, 32, 32)  # preprocessing travels with the folder
+
+
+def image_hashes(split: SplitData) -> set[str]:
+    """What a split really holds: one hash per image as the recipe reads it (pixels after the transform)."""
+    return {hashlib.sha1(image.numpy().tobytes()).hexdigest() for image, _ in split.dataset}
+
+
+def recipe_splits(image_folder: Path, **data: object) -> dict[str, SplitData]:
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
+    return RecipeData(DataConfig(data_dir=str(image_folder), **data), data_config(model, (1, 32, 32))).splits()
+
+
+@pytest.mark.parametrize("limit", [None, 25])
+def test_held_out_validation_shares_no_image_with_training(image_folder, limit):
+    splits = recipe_splits(image_folder, val_fraction=0.25, limit=limit)
+    train, validation = image_hashes(splits["train"]), image_hashes(splits["validation"])
+    assert (len(train), len(validation)) == ((120, 40) if limit is None else (25, 25))
+    assert not train & validation
+    whole = image_hashes(recipe_splits(image_folder, val_split="validation")["train"])
+    assert len(whole) == 160 and train | validation <= whole  # both are carved out of the train folder
 
 
 def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folder, intercepted_hub, capsys):

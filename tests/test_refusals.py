@@ -8,6 +8,9 @@ isolated and the tests stay fast; one real timm model (xception41) guards the sh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import timm
 import torch
@@ -119,6 +122,31 @@ class WrongChannelsNet(TinyNet):
         self.feature_info[1] = {"module": "stage2", "num_chs": 12, "reduction": 8}
 
 
+class BatchCentre(nn.Module):
+    """Subtracts the batch mean: each sample's output depends on which others are in the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+class BatchNormalisedNet(TinyNet):
+    """A layer after the first boundary normalises across the batch (no shape changes, so nothing errors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage2 = nn.Sequential(self.stage2, BatchCentre())
+
+
+class StoredBatchNet(TinyNet):
+    """The forward reads the batch size at its start and divides a batch sum by it later."""
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.stage3(x - x.sum(0, keepdim=True) / batch)
+
+
+MIXED = "samples that go on get different logits once others leave there"
 REFUSED = [  # (model class, refused boundary, words of the reason)
     (ShortcutNet, "stage1.1", "removing samples there breaks the rest of the forward"),
     (BogusNameNet, "blocks.1", "does not exist"),
@@ -126,6 +154,8 @@ REFUSED = [  # (model class, refused boundary, words of the reason)
     (TwiceNet, "stage1", "runs 2 times"),
     (NotBatchFirstNet, "stage2", "first dimension is not the batch"),
     (WrongChannelsNet, "stage2", "no 12-channel layout"),
+    (BatchNormalisedNet, "stage1", MIXED),
+    (StoredBatchNet, "stage1", MIXED),
 ]
 
 
@@ -211,13 +241,22 @@ def test_bad_gate_positions_list_the_valid_ones(test_resnet, gates, message):
         assert "act1, layer1, layer2, layer3, layer4" in str(caught.value)
 
 
+@contextmanager
+def registry_restored() -> Iterator[None]:
+    """The family registry is global: changes made inside are undone on leaving."""
+    saved = dict(discovery._FAMILY_RULES)
+    try:
+        yield
+    finally:
+        discovery._FAMILY_RULES.clear()
+        discovery._FAMILY_RULES.update(saved)
+
+
 @pytest.fixture
 def family_rules():
     """Registry changes made by a test are undone afterwards."""
-    saved = dict(discovery._FAMILY_RULES)
-    yield
-    discovery._FAMILY_RULES.clear()
-    discovery._FAMILY_RULES.update(saved)
+    with registry_restored():
+        yield
 
 
 def test_register_family_overrides_placement(test_resnet, family_rules):
@@ -243,7 +282,10 @@ def test_register_family_marks_unsupported(test_resnet, family_rules):
         timm_dgate.stages(test_resnet, (3, 32, 32))
 
 
-def test_registry_is_restored(test_resnet):
-    """Runs after the tests above: the resnet family is back to its defaults."""
+def test_registry_changes_are_undone_whatever_the_test_order(test_resnet):
+    """The tests above register rules for resnet; none of it may leak into later tests, in any order."""
+    with registry_restored():
+        timm_dgate.register_family("resnet", placement=lambda boundaries: [0])
+        assert [b.name for b in timm_dgate.wrap(test_resnet, input_size=(3, 32, 32)).boundaries] == ["act1"]
     gated = timm_dgate.wrap(test_resnet, input_size=(3, 32, 32))
     assert [b.name for b in gated.boundaries] == ["layer1", "layer2", "layer3"]

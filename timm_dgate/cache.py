@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .progress import progress_bar
+from .provenance import image_fingerprints
 
 DEFAULT_MAX_MEMORY = 4 * 2**30
 
@@ -30,12 +31,15 @@ class FeatureCache:
     """Per gate ``(N, C_k)`` pooled features, ``(N, num_classes)`` backbone logits, ``(N,)`` labels.
 
     ``split`` names the data it came from; calibration refuses a cache of the ``test`` split.
+    ``fingerprints`` ``(N,)`` identify the images themselves (``timm_dgate.provenance``), so that
+    calibration also refuses images the gates were fit on or tested on, whatever the name.
     """
 
     features: list[torch.Tensor]
     logits: torch.Tensor
     labels: torch.Tensor
     split: str = "train"
+    fingerprints: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,6 +64,8 @@ class FeatureCache:
         """Write the cache as one safetensors file (reloaded by :meth:`load`)."""
         tensors = {f"features.{k}": f.contiguous() for k, f in enumerate(self.features)}
         tensors |= {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
+        if self.fingerprints is not None:
+            tensors["fingerprints"] = self.fingerprints.contiguous()
         save_file(tensors, str(path), metadata={"split": self.split, "num_gates": str(len(self.features))})
 
     @classmethod
@@ -70,7 +76,7 @@ class FeatureCache:
             meta = handle.metadata()
         tensors = load_file(str(path))
         features = [tensors[f"features.{k}"] for k in range(int(meta["num_gates"]))]
-        return cls(features, tensors["logits"], tensors["labels"], meta["split"])
+        return cls(features, tensors["logits"], tensors["labels"], meta["split"], tensors.get("fingerprints"))
 
 
 class _Column:
@@ -143,7 +149,7 @@ def cache_features(
         labels = torch.as_tensor(labels)
         check_labels(labels, model.num_classes)
         pooled, logits = model.forward_pooled(images.to(device, _param_dtype(model)))
-        values = [*(p.float() for p in pooled), logits.float(), labels]
+        values = [*(p.float() for p in pooled), logits.float(), labels, image_fingerprints(images)]
         if columns is None:
             columns = [_Column(spill_path) for _ in values]
         for column, value in zip(columns, values):
@@ -154,8 +160,8 @@ def cache_features(
                 column.spill()
     if columns is None:
         raise ValueError(f"the {split} data is empty: nothing to cache")
-    *features, logits, labels = [c.finish() for c in columns]
-    return FeatureCache(features, logits, labels.long(), split)
+    *features, logits, labels, fingerprints = [c.finish() for c in columns]
+    return FeatureCache(features, logits, labels.long(), split, fingerprints)
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -341,7 +341,11 @@ def check_plain_accuracy(accuracy: float, num_classes: int, split: str, num_imag
 
 
 def validation_cache(model: GatedModel, data: object, progress: bool = True) -> FeatureCache:
-    """A validation cache from a loader, or ``data`` itself if it is one (refusing the test split)."""
+    """A validation cache from a loader, or ``data`` itself if it is one.
+
+    Refused: a cache labelled ``test``, and data whose images the gates were fit on or that
+    ``evaluate`` measured the model on, recognised by their pixels (``timm_dgate.provenance``).
+    """
     if isinstance(data, FeatureCache):
         cache = data
     else:
@@ -352,6 +356,7 @@ def validation_cache(model: GatedModel, data: object, progress: bool = True) -> 
             "and accuracy is reported on a test split that chose nothing"
         )
     check_labels(cache.labels, model.num_classes)
+    model.seen_images.check_calibration(cache.fingerprints)
     return cache
 
 

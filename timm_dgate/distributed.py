@@ -50,4 +50,7 @@ class Reducer:
         if self.num_processes == 1:
             return cache
         features = [self.gather_rows(f) for f in cache.features]
-        return FeatureCache(features, self.gather_rows(cache.logits), self.gather_rows(cache.labels), cache.split)
+        fingerprints = None if cache.fingerprints is None else self.gather_rows(cache.fingerprints)
+        return FeatureCache(
+            features, self.gather_rows(cache.logits), self.gather_rows(cache.labels), cache.split, fingerprints
+        )

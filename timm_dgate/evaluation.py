@@ -18,6 +18,7 @@ import torch
 from .cache import check_labels
 from .calibration import check_plain_accuracy
 from .progress import progress_bar
+from .provenance import image_fingerprints
 from .reports import evaluation_table
 from .timing import interleaved, per_image
 
@@ -106,8 +107,9 @@ def evaluate(
     ``data`` yields ``(images, labels)`` batches and is iterated once per profile plus once
     for the plain model; its first ``timing_images`` images are preloaded for timing. With
     ``record=True`` each profile's metrics are also written into ``profile.test`` (and so into
-    what ``save_pretrained`` writes); otherwise nothing on the model changes: thresholds, exit
-    score, active profile and train/eval mode are left exactly as found.
+    what ``save_pretrained`` writes); otherwise thresholds, exit score, active profile and
+    train/eval mode are left exactly as found. The model remembers the images it was measured on
+    (``model.seen_images``), and a later ``calibrate`` on them is refused.
 
     A plain model at about chance accuracy on ``data`` raises :class:`~timm_dgate.ChanceAccuracyError`
     before any profile runs, unless ``allow_chance_accuracy=True``.
@@ -119,11 +121,14 @@ def evaluate(
     with kept_state(model):
         model.eval()
         correct = total = 0
+        seen = []
         for x, y in progress_bar(_batches(data, device, num_classes), "plain model", enabled=progress):
             correct += (plain(x).argmax(1) == y).sum().item()
             total += len(y)
+            seen.append(image_fingerprints(x))
         if not allow_chance_accuracy:
             check_plain_accuracy(correct / total, num_classes, split, total)
+        model.seen_images.record_evaluated(torch.cat(seen))  # calibrate refuses these images from now on
         timing = _timing_batches(data, device, timing_images, num_classes)
         results = []
         for name in progress_bar(names, f"profiles on {split}", enabled=progress):

@@ -31,6 +31,7 @@ from .heads import untrained_head_reason
 from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from .probe import default_input_size, probe_boundaries
 from .profiles import Profile, decode_thresholds, encode_thresholds
+from .provenance import SeenImages
 from .scores import check_exit_score, exit_score
 from .segments import compile_segments
 
@@ -65,6 +66,7 @@ class GatedModel(nn.Module):
         self.backbone_frozen = False
         self._costs: GateCosts | None = None
         self._segments: list[str] = []  # compiled by compile()
+        self.seen_images = SeenImages()  # what fit and evaluate read, so calibrate can refuse it (in memory only)
         self._engine = ExitEngine(model, [b.module for b in config.boundaries])
         self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
 

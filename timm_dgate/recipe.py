@@ -277,6 +277,7 @@ def write_outputs(
     results = {
         "config": asdict(config), "data": sizes, "preprocessing": preprocessing,
         "gates": [b.name for b in gated.boundaries],
+        "calibration_images": len(held_out["validation"]),  # every process's shard, gathered
         "plain_gflops": gated.costs.backbone / 1e9, "fit": asdict(report),
         "profiles": [p.to_dict() for p in profiles], "test": asdict(test_report) if test_report else None,
     }

@@ -23,6 +23,7 @@ from .cache import DEFAULT_MAX_MEMORY, FeatureCache, cache_features, check_label
 from .distributed import Reducer
 from .losses import check_gate_loss, gate_loss
 from .progress import progress_bar
+from .provenance import image_fingerprints
 
 if TYPE_CHECKING:
     from .model import GatedModel
@@ -160,7 +161,8 @@ def fit(
     The backbone is frozen for good (``requires_grad`` off, BatchNorm statistics kept in eval
     mode); its parameters and buffers are left bit-identical. Records the loss in the model's
     config and switches its exit score to the loss's natural one (``margin`` for hinge,
-    ``softmax`` for ce).
+    ``softmax`` for ce), and the training images (``model.seen_images``, every process's), which
+    ``calibrate`` then refuses.
     """
     check_gate_loss(loss)
     torch.manual_seed(seed)
@@ -182,10 +184,11 @@ def fit(
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=max(1, epochs))
     last: list[float] = []
+    streamed: list[torch.Tensor] = []  # fingerprints of the images of the first streamed epoch
     bar = progress_bar(range(epochs), f"fitting {model.num_gates} {loss} gates", enabled=progress)
-    for _ in bar:
+    for epoch in bar:
         if stream:
-            for features, labels in _pooled_batches(model, data):
+            for features, labels in _pooled_batches(model, data, seen=streamed if epoch == 0 else None):
                 batch_total = int(reducer.sum(torch.tensor(float(len(labels)), device=device)).item())
                 last = trainer.step([(features, labels)], batch_total)
         else:
@@ -194,16 +197,23 @@ def fit(
         bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
     trainer.fold_into(model.gates)
     model.set_gate_loss(loss)
+    fingerprints = (torch.cat(streamed) if streamed else None) if stream else data.fingerprints
+    model.seen_images.record_fit(None if fingerprints is None else reducer.gather_rows(fingerprints))
     accuracy = _train_accuracy(model, data, reducer, device) if isinstance(data, FeatureCache) else []
     return FitReport(loss, epochs, total, reducer.num_processes, accuracy, last)
 
 
-def _pooled_batches(model: GatedModel, loader: Iterable, limit: int | None = None):
+def _pooled_batches(
+    model: GatedModel, loader: Iterable, limit: int | None = None, seen: list[torch.Tensor] | None = None
+):
+    """Pooled features and labels per batch; the images' fingerprints are appended to ``seen`` if given."""
     device = next(model.parameters()).device
     for i, (images, labels) in enumerate(loader):
         if limit is not None and i >= limit:
             return
         check_labels(torch.as_tensor(labels), model.num_classes)
+        if seen is not None:
+            seen.append(image_fingerprints(images))
         with torch.no_grad():
             pooled, _ = model.forward_pooled(images.to(device))
         yield pooled, labels
