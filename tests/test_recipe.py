@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 from PIL import Image
 
 import timm_dgate
