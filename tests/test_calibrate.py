@@ -161,9 +161,9 @@ def mixed(*parts: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor,
     return [(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))]
 
 
-def test_calibration_refuses_images_the_gates_were_fit_on_whatever_they_are_called(fmnist):
+def test_calibration_refuses_images_the_gates_were_fit_on_whatever_they_are_called(fmnist, trained_backbone):
     """Recognised by their pixels: a training cache renamed ``validation``, or a loader over training images."""
-    gated = tiny_gated()
+    gated = trained_gated(trained_backbone)
     train, val = one_batch(fmnist.train, 400), one_batch(fmnist.val, 200)
     cache = cache_features(gated, [train], progress=False)
     timm_dgate.fit(gated, cache, epochs=5, progress=False)
@@ -181,8 +181,8 @@ def test_calibration_refuses_images_the_gates_were_fit_on_whatever_they_are_call
     assert gated.calibrate(one_duplicate, max_drop=0.05).split == "validation"
 
 
-def test_calibration_refuses_images_evaluate_already_measured(fmnist):
-    gated = tiny_gated()
+def test_calibration_refuses_images_evaluate_already_measured(fmnist, trained_backbone):
+    gated = trained_gated(trained_backbone)
     timm_dgate.fit(gated, [one_batch(fmnist.train, 400)], epochs=5, progress=False)
     test = [one_batch(fmnist.test, 200)]
     timm_dgate.evaluate(gated, test, timing_images=16, repeats=1, progress=False)

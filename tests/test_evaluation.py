@@ -12,7 +12,7 @@ import timm_dgate
 from timm_dgate.profiles import Profile
 from timm_dgate.scores import exit_score
 
-from .helpers import batches, tiny_gated
+from .helpers import batches, trained_gated
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,10 @@ def by_hand(gated: timm_dgate.GatedModel, data: list[tuple[torch.Tensor, torch.T
     return Measured(hits / n, flops / n / 1e9, fractions)
 
 
-def test_evaluate_reports_each_profiles_accuracy_gflops_and_exits_as_the_real_forward_gives_them(fmnist):
-    gated = tiny_gated()
+def test_evaluate_reports_each_profiles_accuracy_gflops_and_exits_as_the_real_forward_gives_them(
+    fmnist, trained_backbone
+):
+    gated = trained_gated(trained_backbone)
     timm_dgate.fit(gated, batches(fmnist.train), epochs=30, progress=False)
     with torch.no_grad():
         margins, _ = gated.forward_gates(batches(fmnist.val)[0][0])
