@@ -3,11 +3,13 @@
 Why a script of its own: training is the slow part (minutes per epoch on 2 cores), is shared
 by every method compared, and must happen before any timing run. Each model lands in
 ``runs/backbones/<model>`` through :func:`timm_dgate.demo.backbone.cached_backbone`, so a
-rerun loads it instead of training again. Each model's plain validation and test accuracy
-and FLOPs go to ``runs/bench/plain/<model>.json``: that is all the comparison needs of the
-smaller static models (``STATIC``).
+rerun loads it instead of training again. Each model's plain validation and test accuracy,
+FLOPs and training record (epochs, seconds, the validation curve and whether it plateaued)
+go to ``runs/bench/plain/<model>.json``: that is all the comparison needs of the smaller
+static models (``STATIC``).
 
     .venv/bin/python benchmarks/backbones.py --models resnet18 resnet50 convnext_atto resnet10t convnext_zepto_rms
+    .venv/bin/python benchmarks/backbones.py --models resnet18 --epochs 20 --root runs/longer  # another schedule
 """
 
 from __future__ import annotations
@@ -18,20 +20,30 @@ import time
 from pathlib import Path
 
 import torch
-from common import RECORDS, ROOT, backbone_epochs, load_backbone
+from common import RECORDS, ROOT, backbone_folder, load_backbone
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from timm_dgate.demo.backbone import accuracy
+from timm_dgate.demo.backbone import TrainingRecord, accuracy
 from timm_dgate.fashion_mnist import load_splits
 from timm_dgate.flops import count_flops
 
+PLATEAU_POINTS = 0.2  # converged: less validation accuracy than this gained over the last 3 epochs
 
-def record(name: str, model: nn.Module, val: TensorDataset, test: TensorDataset, input_size: int = 32) -> dict:
-    """Plain accuracy on both splits and FLOPs per image (FlopCounterMode, as the gated models)."""
+
+def record(
+    name: str, model: nn.Module, training: TrainingRecord | None, val: TensorDataset, test: TensorDataset,
+    input_size: int = 32,
+) -> dict:
+    """Plain accuracy on both splits, FLOPs per image (FlopCounterMode, as the gated models), how it was trained."""
+    gain = training.plateau_gain() if training else None
     return {
         "model": name,
-        "epochs": backbone_epochs(name),
+        "epochs": training.epochs if training else None,
+        "train_seconds": training.seconds if training else None,
+        "val_curve": training.val_accuracy if training else [],
+        "gain_last_3_epochs": gain,
+        "converged": gain is not None and gain < PLATEAU_POINTS,
         "val_accuracy": accuracy(model, val, input_size),
         "accuracy": accuracy(model, test, input_size),
         "gflops": count_flops(model, torch.zeros(1, 1, input_size, input_size)) / 1e9,
@@ -42,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--root", type=Path, default=ROOT)
+    parser.add_argument("--epochs", type=int, help="train missing backbones this long (default: EPOCHS in common.py)")
     args = parser.parse_args(argv)
     splits = load_splits()
     RECORDS.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         start = time.perf_counter()
-        model = load_backbone(name, splits.train, args.root)
+        model = load_backbone(name, splits, args.root, args.epochs)
         print(f"{name}: ready in {time.perf_counter() - start:.0f}s", flush=True)
-        entry = record(name, model, splits.val, splits.test)
+        entry = record(name, model, TrainingRecord.load(backbone_folder(name, args.root)), splits.val, splits.test)
         (RECORDS / f"{name}.json").write_text(json.dumps(entry, indent=1))
         print(f"  {entry}", flush=True)
 

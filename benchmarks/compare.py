@@ -133,7 +133,7 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     """Everything measured on one backbone, written to ``<out_root>/<name>/results.json`` (and returned)."""
     print(f"== {name}", flush=True)
     full = load_splits()
-    backbone = load_backbone(name, full.train)
+    backbone = load_backbone(name, full)
     splits = {key: sliced(getattr(full, key), args.limit) for key in ("train", "val", "test")}
     splits["train"] = sliced(splits["train"], args.train_limit)
     input_size = (1, args.input_size, args.input_size)

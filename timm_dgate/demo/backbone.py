@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,38 @@ from torch.utils.data import TensorDataset
 from ..fashion_mnist import CLASSES, preprocess, timm_data_config
 from ..progress import progress_bar
 
+TRAINING_RECORD = "training.json"
+
+
+@dataclass
+class TrainingRecord:
+    """How a backbone was trained, kept next to its weights so every number measured on it can say so.
+
+    ``val_accuracy`` holds the validation accuracy after each epoch when a validation split was
+    given: :meth:`plateau_gain` tells whether training had converged (the benchmarks ask for a
+    gain under 0.2 points over the last 3 epochs).
+    """
+
+    model: str
+    epochs: int
+    seconds: float
+    val_accuracy: list[float] = field(default_factory=list)
+
+    def plateau_gain(self, window: int = 3) -> float | None:
+        """Validation accuracy gained over the last ``window`` epochs, in points (None without the history)."""
+        if len(self.val_accuracy) <= window:
+            return None
+        return 100 * (self.val_accuracy[-1] - self.val_accuracy[-1 - window])
+
+    def save(self, folder: Path) -> None:
+        (folder / TRAINING_RECORD).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainingRecord | None:
+        """The record saved with the backbone in ``folder``, or None for a folder trained before records existed."""
+        path = Path(folder) / TRAINING_RECORD
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
 
 def train_backbone(
     model: nn.Module,
@@ -24,8 +57,13 @@ def train_backbone(
     lr: float = 3e-3,
     input_size: int = 32,
     seed: int = 0,
-) -> nn.Module:
-    """AdamW with a one-cycle schedule and label smoothing; returns the model in eval mode."""
+    val: TensorDataset | None = None,
+) -> list[float]:
+    """AdamW with a one-cycle schedule and label smoothing; leaves the model in eval mode.
+
+    Returns the validation accuracy after each epoch when ``val`` is given (empty otherwise):
+    the evidence that a backbone has converged.
+    """
     torch.manual_seed(seed)
     images, labels = train.tensors
     steps_per_epoch = len(labels) // batch_size
@@ -34,8 +72,9 @@ def train_backbone(
         optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    model.train()
+    history: list[float] = []
     for epoch in range(epochs):
+        model.train()
         order = torch.randperm(len(labels))
         bar = progress_bar(range(steps_per_epoch), f"backbone epoch {epoch + 1}/{epochs}")
         for step in bar:
@@ -48,7 +87,11 @@ def train_backbone(
             schedule.step()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+        if val is not None:
+            history.append(accuracy(model, val, input_size))
+            print(f"  epoch {epoch + 1}/{epochs}: validation accuracy {100 * history[-1]:.2f}%", flush=True)
+    model.eval()
+    return history
 
 
 @torch.no_grad()
@@ -98,6 +141,7 @@ def cached_backbone(
     input_size: int = 32,
     seed: int = 0,
     retrain: bool = False,
+    val: TensorDataset | None = None,
 ) -> nn.Module:
     """A timm ``name`` trained on Fashion-MNIST, kept in ``folder`` in timm's own layout.
 
@@ -105,6 +149,8 @@ def cached_backbone(
     in ``config.json`` (:func:`trained_cfg`); later calls load it, so reruns of the demo and the
     benchmarks skip training. A folder saved by an older timm_dgate, whose ``config.json``
     carries timm's ImageNet defaults, gets that config rewritten: the weights are unchanged.
+    Training also writes a :class:`TrainingRecord` (``training.json``; the validation curve
+    when ``val`` is given) next to the weights.
     """
     folder = Path(folder)
     if (folder / "model.safetensors").exists() and not retrain:
@@ -126,7 +172,9 @@ def cached_backbone(
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=len(CLASSES))
     start = time.perf_counter()
-    train_backbone(model, train, epochs=epochs, input_size=input_size, seed=seed)
+    history = train_backbone(model, train, epochs=epochs, input_size=input_size, seed=seed, val=val)
+    seconds = time.perf_counter() - start
     _save(model, folder, name, input_size)
-    print(f"  trained in {time.perf_counter() - start:.0f}s, saved to {folder}")
+    TrainingRecord(name, epochs, round(seconds, 1), history).save(folder)
+    print(f"  trained in {seconds:.0f}s, saved to {folder}")
     return model.eval()
