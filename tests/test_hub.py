@@ -412,8 +412,8 @@ def test_refuses_a_missing_folder(tmp_path):
 
 
 def test_refuses_a_newer_format_version(saved):
-    edit_json(saved / "dgate_config.json", format_version=2)
-    with pytest.raises(HubFormatError, match=r"format version 2, newer than this timm_dgate .* upgrade timm_dgate"):
+    edit_json(saved / "dgate_config.json", format_version=3)
+    with pytest.raises(HubFormatError, match=r"format version 3, newer than this timm_dgate .* upgrade timm_dgate"):
         timm_dgate.from_pretrained(saved)
 
 

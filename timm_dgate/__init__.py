@@ -15,7 +15,7 @@ from .flops import GateCosts
 from .gates import DecisionGate
 from .model import GatedModel, from_pretrained, stages, wrap
 from .profiles import Profile
-from .training import FitReport, fit
+from .training import FitReport, fit, survivor_weights
 from .version import __version__
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "from_pretrained",
     "register_family",
     "stages",
+    "survivor_weights",
     "tradeoff_curve",
     "wrap",
 ]

@@ -9,6 +9,7 @@ resident size stays bounded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
@@ -52,12 +53,11 @@ class FeatureCache:
 
     @torch.no_grad()
     def margins(self, gates: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
-        """Every gate's margins for every cached sample (applies only the gates' linear layers)."""
+        """Every gate's margins for every cached sample (the layers after pooling, in float32 on the CPU)."""
         out = []
         for gate, feats in zip(gates, self.features):
-            weight = gate.fc.weight.detach().cpu().float()
-            bias = gate.fc.bias.detach().cpu().float()
-            out.append(torch.cat([torch.addmm(bias, rows.float(), weight.T) for rows in feats.split(65536)]))
+            layers = copy.deepcopy(gate.layers()).cpu().float()
+            out.append(torch.cat([layers(rows.float()) for rows in feats.split(65536)]))
         return out
 
     def save(self, path: str | Path) -> None:

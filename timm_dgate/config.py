@@ -22,7 +22,7 @@ from .scores import EXIT_SCORES
 from .version import __version__
 
 FORMAT = "timm_dgate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this library reads; 2: gates with a hidden layer (``gate_hidden``)
 CONFIG_NAME = "dgate_config.json"
 _REQUIRED = ("format_version", "architecture", "num_classes", "input_size", "backbone", "gates", "pool", "exit_score")
 _GATE_KEYS = ("name", "module", "num_chs", "layout")
@@ -36,6 +36,9 @@ class DGateConfig:
     ``base_model`` names the timm Hub id the backbone's weights come from, if any, and
     ``include_backbone`` whether a saved folder stores the backbone itself (timm's layout).
     ``model_args`` are the ``timm.create_model`` kwargs that rebuild the backbone.
+    ``gate_hidden`` is the width of each gate's hidden layer (0: the paper's linear gate);
+    ``gate_loss`` and ``gate_distill`` record how :func:`~timm_dgate.fit` trained the gates
+    (the weight of the backbone's own predictions in their targets).
     """
 
     architecture: str
@@ -45,6 +48,8 @@ class DGateConfig:
     pool: str = "avg"
     gate_loss: str = "hinge"
     exit_score: str = "margin"
+    gate_hidden: int = 0
+    gate_distill: float = 0.0
     base_model: str | None = None
     include_backbone: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +62,11 @@ class DGateConfig:
         if self.base_model is not None and self.base_model.startswith("hf-hub:"):
             self.base_model = self.base_model.removeprefix("hf-hub:")  # timm's spelling; the bare repo id is stored
         self.validate()
+
+    @property
+    def written_version(self) -> int:
+        """The oldest format that holds this config: 2 only for MLP gates, which a version-1 reader would misread."""
+        return 2 if self.gate_hidden else 1
 
     @property
     def num_gates(self) -> int:
@@ -75,6 +85,10 @@ class DGateConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if not isinstance(self.gate_hidden, int) or self.gate_hidden < 0:
+            raise ValueError(f"gate_hidden must be 0 (linear gates) or a positive width, got {self.gate_hidden!r}")
+        if not 0.0 <= self.gate_distill <= 1.0:
+            raise ValueError(f"gate_distill must lie in [0, 1], got {self.gate_distill!r}")
         for b in self.boundaries:
             if b.layout not in LAYOUTS:
                 raise ValueError(f"boundary {b.name!r} has layout {b.layout!r}; expected one of {LAYOUTS}")
@@ -93,7 +107,7 @@ class DGateConfig:
 
         return {
             "format": FORMAT,
-            "format_version": self.format_version,
+            "format_version": self.written_version,
             "library_version": __version__,
             "timm_version": timm_version,
             "architecture": self.architecture,
@@ -110,6 +124,8 @@ class DGateConfig:
             ],
             "pool": self.pool,
             "gate_loss": self.gate_loss,
+            "gate_distill": self.gate_distill,
+            "gate_hidden": self.gate_hidden,
             "exit_score": self.exit_score,
         }
 
@@ -151,6 +167,8 @@ class DGateConfig:
                 ),
                 pool=data["pool"],
                 gate_loss=data.get("gate_loss", "hinge"),
+                gate_distill=float(data.get("gate_distill", 0.0)),
+                gate_hidden=data.get("gate_hidden", 0),
                 exit_score=data["exit_score"],
                 base_model=backbone.get("hub_id"),
                 include_backbone=backbone["source"] == "folder",

@@ -35,6 +35,7 @@ from .compat import get_model_args, hf_split
 from .config import CONFIG_NAME, FORMAT, DGateConfig, read_json
 from .discovery import model_name
 from .errors import HubFormatError
+from .gates import DecisionGate
 from .probe import default_input_size
 from .profiles import Profile, decode_thresholds, encode_thresholds
 from .reports import data_config_summary, profiles_table
@@ -166,7 +167,7 @@ def write_model_card(
     sections.append(
         f"## Files\n\n`{CONFIG_NAME}` (gate positions, pooling, input size, backbone), `{GATES_NAME}` "
         f"(gate weights), `{PROFILES_NAME}` (threshold profiles){backbone_files}. "
-        f"Format version {config.format_version}, written by timm_dgate {__version__}.\n"
+        f"Format version {config.written_version}, written by timm_dgate {__version__}.\n"
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections)).save(folder / CARD_NAME)
 
@@ -180,11 +181,14 @@ def _card_intro(config: DGateConfig, backbone_gflops: float | None) -> str:
     )
     cost = "" if backbone_gflops is None else f" The plain backbone costs {backbone_gflops:.3f} GFLOPs per image."
     loss = LOSS_NAMES.get(config.gate_loss, config.gate_loss)
+    kind = "linear" if config.gate_hidden == 0 else f"one-hidden-layer ({config.gate_hidden} units)"
+    if config.gate_distill:
+        loss += f", distilled from the backbone's predictions (weight {config.gate_distill:g})"
     return (
         f"# {config.architecture} with decision gates\n\n"
         f"A timm `{config.architecture}` ({config.num_classes} classes, input "
-        f"{'x'.join(map(str, config.input_size))}) with decision gates after {gates}: pooled linear "
-        f"{loss} classifiers that let confident samples leave early (exit score "
+        f"{'x'.join(map(str, config.input_size))}) with decision gates after {gates}: pooled {kind} "
+        f"classifiers ({loss}) that let confident samples leave early (exit score "
         f"`{config.exit_score}`). Backbone: {source}.{cost}\n"
     )
 
@@ -273,8 +277,8 @@ def read_gate_weights(folder: Path, config: DGateConfig) -> dict[str, torch.Tens
     tensors = _load_safetensors(folder / GATES_NAME, "the gate weights")
     expected = {}
     for k, boundary in enumerate(config.boundaries):
-        expected[f"gates.{k}.fc.weight"] = (config.num_classes, boundary.num_chs)
-        expected[f"gates.{k}.fc.bias"] = (config.num_classes,)
+        gate = DecisionGate(boundary.num_chs, config.num_classes, "NC", hidden=config.gate_hidden)
+        expected |= {f"gates.{k}.{name}": tuple(t.shape) for name, t in gate.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -21,11 +21,14 @@ def multiclass_hinge(margins: torch.Tensor, labels: torch.Tensor, reduction: str
     signs = torch.full_like(margins, -1.0)
     signs.scatter_(1, labels.unsqueeze(1), 1.0)
     per_sample = (1.0 - signs * margins).clamp_min(0.0).sum(1)
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return {"none": per_sample, "sum": per_sample.sum()}.get(reduction, per_sample.mean())
 
 
 def cross_entropy(margins: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Softmax cross-entropy on the gate outputs (Shallow-Deep Networks / BranchyNet style gates)."""
+    """Softmax cross-entropy on the gate outputs (Shallow-Deep Networks / BranchyNet style gates).
+
+    ``labels`` are class indices or, for distillation, rows of class probabilities.
+    """
     return F.cross_entropy(margins, labels, reduction=reduction)
 
 

@@ -57,7 +57,10 @@ class GatedModel(nn.Module):
         self.config = config
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.gates = nn.ModuleList(
-            DecisionGate(b.num_chs, config.num_classes, b.layout, config.pool if b.layout == "NLC" else "avg", prefix)
+            DecisionGate(
+                b.num_chs, config.num_classes, b.layout, config.pool if b.layout == "NLC" else "avg", prefix,
+                hidden=config.gate_hidden,
+            )
             for b in config.boundaries
         )
         self.thresholds: tuple[float, ...] = (math.inf,) * config.num_gates
@@ -98,9 +101,16 @@ class GatedModel(nn.Module):
         """What the gates were trained with (``hinge`` or ``ce``)."""
         return self.config.gate_loss
 
-    def set_gate_loss(self, loss: str) -> None:
+    @property
+    def gate_distill(self) -> float:
+        """Weight of the backbone's own predictions in the gates' training targets (0: labels only)."""
+        return self.config.gate_distill
+
+    def set_gate_loss(self, loss: str, distill: float = 0.0) -> None:
         """Record what the gates were trained with; the exit score becomes that loss's natural one."""
-        self.config = self.config.replace(gate_loss=check_gate_loss(loss), exit_score=DEFAULT_EXIT_SCORE[loss])
+        self.config = self.config.replace(
+            gate_loss=check_gate_loss(loss), gate_distill=float(distill), exit_score=DEFAULT_EXIT_SCORE[loss]
+        )
 
     # ---- timm's model API, answered by the backbone -------------------------------------------
 
@@ -208,7 +218,7 @@ class GatedModel(nn.Module):
     def forward_gates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One full backbone pass: every gate's margins for every sample, and the final logits."""
         pooled, logits = self.forward_pooled(x)
-        return [gate.fc(p.to(gate.fc.weight.dtype)) for gate, p in zip(self.gates, pooled)], logits
+        return [gate.head(p) for gate, p in zip(self.gates, pooled)], logits
 
     def compile(self, **compile_kwargs: Any) -> list[str]:  # type: ignore[override]
         """Compile the backbone's work between exits in place, leaving the exit decisions eager.
@@ -254,6 +264,7 @@ class GatedModel(nn.Module):
             "thresholds": encode_thresholds(self.thresholds),
             "exit_score": self.exit_score,
             "gate_loss": self.gate_loss,
+            "gate_distill": self.gate_distill,
             "profiles": [p.to_dict() for p in self.profiles.values()],
             "active_profile": self.active_profile,
         }
@@ -267,7 +278,9 @@ class GatedModel(nn.Module):
                 f"this state dict is for gates at {list(state.get('gates', []))}; this model's gates are at {mine}"
             )
         profiles = [Profile.from_dict(p, self.num_gates) for p in state.get("profiles", [])]
-        self.config = self.config.replace(gate_loss=state.get("gate_loss", self.gate_loss))
+        self.config = self.config.replace(
+            gate_loss=state.get("gate_loss", self.gate_loss), gate_distill=state.get("gate_distill", self.gate_distill)
+        )
         self.set_thresholds(decode_thresholds(state["thresholds"], self.num_gates), state["exit_score"])
         self.profiles = {p.name: p for p in profiles}
         if state.get("active_profile") is not None:
@@ -409,7 +422,8 @@ class GatedModel(nn.Module):
         hub.check_backbone(model, saved.config, folder)
         try:
             gated = wrap(model, [b.module for b in saved.config.boundaries], input_size=saved.config.input_size,
-                         pool=saved.config.pool, model_args=saved.config.model_args)
+                         pool=saved.config.pool, model_args=saved.config.model_args,
+                         gate_hidden=saved.config.gate_hidden)
         except ValueError as error:  # UnsupportedModelError or an unknown boundary
             raise HubFormatError(f"the gates in {folder} cannot be attached to this model: {error}") from error
         try:
@@ -466,6 +480,7 @@ def wrap(
     exit_score: str = "margin",
     model_args: dict | None = None,
     base_model: str | None = None,
+    gate_hidden: int = 0,
 ) -> GatedModel:
     """Attach decision gates to a timm classifier.
 
@@ -480,6 +495,8 @@ def wrap(
             record itself (it records those passed to ``create_model``); saved by ``save_pretrained``.
         base_model: the timm Hub id the backbone's weights come from; ``save_pretrained`` then
             writes a gates-only folder that names it.
+        gate_hidden: width of a hidden layer in each gate (0: the paper's linear gates); its
+            FLOPs are counted with the gate's.
 
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
@@ -504,6 +521,7 @@ def wrap(
         base_model=base_model,
         include_backbone=base_model is None,
         model_args=dict(model_args or {}),
+        gate_hidden=gate_hidden,
     )
     return GatedModel(model, config)
 

@@ -12,7 +12,8 @@ gate's linear layer afterwards, so a trained gate is still exactly ``d = W^T x -
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from .distributed import Reducer
 from .losses import check_gate_loss, gate_loss
 from .progress import progress_bar
 from .provenance import image_fingerprints
+from .scores import exit_score
 
 if TYPE_CHECKING:
     from .model import GatedModel
@@ -41,13 +43,15 @@ class FitReport:
     final_loss: list[float] = field(default_factory=list)
 
 
+Batch = tuple[list[torch.Tensor], torch.Tensor, "list[torch.Tensor] | None"]  # features, targets, per-gate weights
+
+
 class _GateTrainer:
-    """Linear gates on standardised features, stepped by globally summed gradients."""
+    """Working copies of the gates' layers on standardised features, stepped by globally summed gradients."""
 
     def __init__(
         self,
-        dims: list[int],
-        num_classes: int,
+        gates: nn.ModuleList,
         mean: list[torch.Tensor],
         std: list[torch.Tensor],
         loss: str,
@@ -56,55 +60,71 @@ class _GateTrainer:
         reducer: Reducer,
         device: torch.device,
     ):
-        self.linears = nn.ModuleList(nn.Linear(d, num_classes) for d in dims).to(device)
-        for linear in self.linears:  # zero start: the problem is convex, so no seed is needed here
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        self.heads = nn.ModuleList(copy.deepcopy(gate.layers()).float() for gate in gates).to(device)
+        for head in self.heads:
+            for layer in head:
+                if not isinstance(layer, nn.Linear):
+                    continue
+                if len(head) == 1:  # a linear gate: convex, so a zero start needs no seed
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+                else:  # an MLP gate: a fresh start from fit's seed, the same on every process
+                    layer.reset_parameters()
         self.mean, self.std = mean, std
         self.loss_fn = gate_loss(loss)
         self.reg = reg
         self.reducer = reducer
-        self.optimizer = torch.optim.Adam(self.linears.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.heads.parameters(), lr=lr)
 
     def margins(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``W (x - mean) / std + b``, with the scale applied to ``W`` rather than to every sample.
+        """``head((x - mean) / std)``, with the scale applied to the first layer's ``W`` rather than to every sample.
 
         Centring stays on the features: folding the mean into the bias too would make the
         weight gradient a difference of large sums, and N processes would drift apart.
         """
-        return [
-            nn.functional.linear(f.float() - self.mean[k], linear.weight / self.std[k], linear.bias)
-            for k, (linear, f) in enumerate(zip(self.linears, features))
-        ]
+        out = []
+        for k, (head, f) in enumerate(zip(self.heads, features)):
+            first, *rest = head
+            z = nn.functional.linear(f.float() - self.mean[k], first.weight / self.std[k], first.bias)
+            for layer in rest:
+                z = layer(z)
+            out.append(z)
+        return out
 
-    def step(self, batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]], total: int) -> list[float]:
-        """One optimiser step on the mean loss over ``total`` samples, spread over processes."""
+    def step(self, batches: Iterable[Batch], totals: torch.Tensor) -> list[float]:
+        """One optimiser step on each gate's (weighted) mean loss; ``totals`` ``(K,)``: global weight per gate."""
         self.optimizer.zero_grad(set_to_none=False)
-        device = self.linears[0].weight.device
-        losses = torch.zeros(len(self.linears), device=device)
-        for features, labels in batches:
-            labels = labels.to(device)
-            per_gate = torch.stack(
-                [self.loss_fn(m, labels, reduction="sum") for m in self.margins([f.to(device) for f in features])]
-            )
-            (per_gate.sum() / total).backward()
+        device = self.heads[0][0].weight.device
+        losses = torch.zeros(len(self.heads), device=device)
+        for features, targets, weights in batches:
+            targets = targets.to(device)
+            per_gate = []
+            for k, margins in enumerate(self.margins([f.to(device) for f in features])):
+                per_sample = self.loss_fn(margins, targets, reduction="none")
+                per_gate.append((per_sample if weights is None else per_sample * weights[k].to(device)).sum())
+            per_gate = torch.stack(per_gate)
+            (per_gate / totals).sum().backward()
             losses += per_gate.detach()
-        for param in self.linears.parameters():
+        for param in self.heads.parameters():
             param.grad = self.reducer.sum(param.grad)
-        reg = 0.0
-        for linear in self.linears:
-            linear.weight.grad += 2 * self.reg * linear.weight.detach()
-            reg += self.reg * linear.weight.detach().square().sum()
+        reg = torch.zeros(len(self.heads), device=device)
+        for k, head in enumerate(self.heads):
+            for layer in head:
+                if isinstance(layer, nn.Linear):
+                    layer.weight.grad += 2 * self.reg * layer.weight.detach()
+                    reg[k] += self.reg * layer.weight.detach().square().sum()
         self.optimizer.step()
-        return (self.reducer.sum(losses) / total + reg).tolist()
+        return (self.reducer.sum(losses) / totals + reg).tolist()
 
     @torch.no_grad()
     def fold_into(self, gates: nn.ModuleList) -> None:
-        """Write the trained gates into the model's, as plain ``d = W' x + b'``."""
-        for gate, linear, mean, std in zip(gates, self.linears, self.mean, self.std):
-            weight = linear.weight / std
-            gate.fc.weight.copy_(weight)
-            gate.fc.bias.copy_(linear.bias - weight @ mean)
+        """Write the trained layers into the model's gates, the standardisation folded into the first layer."""
+        for gate, head, mean, std in zip(gates, self.heads, self.mean, self.std):
+            state = head.state_dict()
+            weight = head[0].weight / std
+            state["0.weight"] = weight
+            state["0.bias"] = head[0].bias - weight @ mean
+            gate.layers().load_state_dict(state)
 
 
 def _feature_stats(
@@ -113,7 +133,7 @@ def _feature_stats(
     """Global per-feature mean and std of each gate's input, and the global sample count."""
     sums = sq = None
     count = torch.zeros((), device=device, dtype=torch.float64)
-    for features, _ in batches:
+    for features, *_ in batches:
         feats = [f.to(device, torch.float64) for f in features]
         if sums is None:
             sums = [torch.zeros(f.shape[1], device=device, dtype=torch.float64) for f in feats]
@@ -145,6 +165,8 @@ def fit(
     spill_dir: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    distill: float = 0.0,
+    sample_weights: Sequence[torch.Tensor] | None = None,
 ) -> FitReport:
     """Train every gate of ``model`` against its frozen backbone.
 
@@ -157,6 +179,11 @@ def fit(
         stream: run the backbone every step (minibatch steps) instead of caching features;
             use it with augmented loaders. Feature statistics come from ``stats_batches`` batches.
         accelerator: an ``accelerate.Accelerator``; gradients are summed across its processes.
+        distill: weight of the backbone's own softmax in each gate's target, the rest on the
+            one-hot label (``ce`` only): an exit that agrees with the head it replaces loses no
+            accuracy by exiting, which is what a target of "accuracy within x points" asks.
+        sample_weights: one ``(N,)`` weight per gate for the rows of a feature cache, e.g.
+            :func:`survivor_weights`, so each gate learns most from the samples that reach it.
 
     The backbone is frozen for good (``requires_grad`` off, BatchNorm statistics kept in eval
     mode); its parameters and buffers are left bit-identical. Records the loss in the model's
@@ -165,6 +192,16 @@ def fit(
     ``calibrate`` then refuses.
     """
     check_gate_loss(loss)
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill weighs the backbone's predictions in the targets: in [0, 1], got {distill}")
+    if distill and loss != "ce":
+        raise ValueError(f"distill={distill} needs loss='ce': a {loss} gate trains on hard labels only")
+    if sample_weights is not None and (stream or not isinstance(data, FeatureCache)):
+        raise ValueError("sample_weights are per row of a FeatureCache: pass the cache they were computed on")
+    if sample_weights is not None and (
+        len(sample_weights) != model.num_gates or any(len(w) != len(data) for w in sample_weights)
+    ):
+        raise ValueError(f"sample_weights needs {model.num_gates} tensors of {len(data)} weights (one per cached row)")
     torch.manual_seed(seed)
     reducer = Reducer(accelerator)
     device = next(model.parameters()).device
@@ -179,24 +216,27 @@ def fit(
             )
         stats_source = data.chunks()
     mean, std, total = _feature_stats(stats_source, reducer, device)
-    trainer = _GateTrainer(
-        [g.fc.in_features for g in model.gates], model.num_classes, mean, std, loss, lr, reg, reducer, device
-    )
+    trainer = _GateTrainer(model.gates, mean, std, loss, lr, reg, reducer, device)
+    if sample_weights is None:
+        totals = torch.full((model.num_gates,), float(total), device=device)
+    else:
+        totals = reducer.sum(torch.stack([w.sum().to(device, torch.float32) for w in sample_weights]))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=max(1, epochs))
     last: list[float] = []
     streamed: list[torch.Tensor] = []  # fingerprints of the images of the first streamed epoch
     bar = progress_bar(range(epochs), f"fitting {model.num_gates} {loss} gates", enabled=progress)
     for epoch in bar:
         if stream:
-            for features, labels in _pooled_batches(model, data, seen=streamed if epoch == 0 else None):
-                batch_total = int(reducer.sum(torch.tensor(float(len(labels)), device=device)).item())
-                last = trainer.step([(features, labels)], batch_total)
+            for features, labels, logits in _pooled_batches(model, data, seen=streamed if epoch == 0 else None):
+                batch_total = reducer.sum(torch.tensor(float(len(labels)), device=device))
+                batch = (features, _targets(labels, logits, distill), None)
+                last = trainer.step([batch], batch_total.expand(model.num_gates))
         else:
-            last = trainer.step(data.chunks(), total)
+            last = trainer.step(_cache_batches(data, distill, sample_weights), totals)
         schedule.step()
         bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
     trainer.fold_into(model.gates)
-    model.set_gate_loss(loss)
+    model.set_gate_loss(loss, distill)
     fingerprints = (torch.cat(streamed) if streamed else None) if stream else data.fingerprints
     model.seen_images.record_fit(None if fingerprints is None else reducer.gather_rows(fingerprints))
     accuracy = _train_accuracy(model, data, reducer, device) if isinstance(data, FeatureCache) else []
@@ -215,8 +255,49 @@ def _pooled_batches(
         if seen is not None:
             seen.append(image_fingerprints(images))
         with torch.no_grad():
-            pooled, _ = model.forward_pooled(images.to(device))
-        yield pooled, labels
+            pooled, logits = model.forward_pooled(images.to(device))
+        yield pooled, labels, logits
+
+
+def _targets(labels: torch.Tensor, logits: torch.Tensor, distill: float) -> torch.Tensor:
+    """Hard labels, or ``(1 - distill) * one_hot(label) + distill * softmax(backbone logits)``."""
+    labels = torch.as_tensor(labels)
+    if not distill:
+        return labels
+    one_hot = nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.device, torch.float32)
+    return (1.0 - distill) * one_hot + distill * logits.float().softmax(1)
+
+
+def _cache_batches(
+    cache: FeatureCache, distill: float, weights: Sequence[torch.Tensor] | None, size: int = 65536
+) -> Iterator[Batch]:
+    """Row slices of a cache as training batches: features, targets, and each gate's weights."""
+    for start in range(0, len(cache), size):
+        rows = slice(start, start + size)
+        yield (
+            [f[rows] for f in cache.features],
+            _targets(cache.labels[rows], cache.logits[rows], distill),
+            None if weights is None else [w[rows] for w in weights],
+        )
+
+
+@torch.no_grad()
+def survivor_weights(model: GatedModel, cache: FeatureCache, floor: float = 0.1) -> list[torch.Tensor]:
+    """Per gate, weight 1 on the cached samples that reach it under the model's thresholds, ``floor`` elsewhere.
+
+    A gate only ever sees the samples its earlier gates kept: after a first ``fit`` and
+    ``calibrate``, refitting with these weights spends each gate's capacity on them
+    (the floor keeps the rest from being forgotten). Closed gates send nobody away.
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must lie in [0, 1], got {floor}")
+    reached = torch.ones(len(cache), dtype=torch.bool)
+    weights = []
+    for margins, threshold in zip(cache.margins(model.gates), model.thresholds):
+        weights.append(torch.where(reached, 1.0, floor))
+        if threshold != float("inf"):
+            reached &= exit_score(margins, model.exit_score) < threshold
+    return weights
 
 
 def _train_accuracy(model: GatedModel, cache: FeatureCache, reducer: Reducer, device: torch.device) -> list[float]:
