@@ -27,6 +27,7 @@ from timm_dgate.calibration import ExitTable
 from timm_dgate.demo.backbone import TrainingRecord, cached_backbone
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.fashion_mnist import Splits
+from timm_dgate.gate_kinds import DEFAULT_GATE_KIND
 from timm_dgate.profiles import encode_thresholds
 from timm_dgate.scores import exit_score
 from timm_dgate.timing import Run
@@ -43,13 +44,20 @@ STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "con
 Variant = tuple[Run, Sequence[torch.Tensor]]  # what timm_dgate.timing.interleaved times: a callable, its batches
 
 HINGE = "hinge d-gates (paper)"
-# method -> (gate loss, exit score); the three differ only there, so they share one wrapped model per loss,
-# one validation and one test cache, and the same threshold search
+CE_SOFTMAX = "CE gates, max-softmax (SDN)"
+# method -> (gate kind of timm_dgate.gate_kinds, exit score). Methods of one kind share one wrapped model (the
+# two CE scores share the CE gates); every kind shares one train, validation and test cache and the same search
 METHODS = {
     HINGE: ("hinge", "margin"),
-    "CE gates, max-softmax (SDN)": ("ce", "softmax"),
+    CE_SOFTMAX: ("ce", "softmax"),
     "CE gates, entropy (BranchyNet)": ("ce", "entropy"),
+    "distilled gates": ("distill", "softmax"),
+    "distilled + label gates": ("distill-labels", "softmax"),
+    "MLP gates (CE)": ("mlp", "softmax"),
+    "survivor-weighted CE gates": ("survivors", "softmax"),
 }
+# the method of the recipe's default gate kind (timm_dgate.gate_kinds.DEFAULT_GATE_KIND)
+DEFAULT_METHOD = next(m for m, (kind, _) in METHODS.items() if kind == DEFAULT_GATE_KIND)
 
 
 def backbone_epochs(name: str, root: Path = ROOT) -> int:

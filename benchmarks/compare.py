@@ -2,7 +2,9 @@
 
 Per model: the plain timm backbone (trained here, ``benchmarks/backbones.py``); hinge
 d-gates (the paper); cross-entropy gates with max-softmax (SDN) and entropy (BranchyNet)
-exits; earlyon 0.3.0 on the same weights (ResNets only, ``earlyon_adapter.py``). Smaller
+exits; the gate kinds beyond them (``timm_dgate.gate_kinds``: distillation, MLP gates,
+survivor weighting; ``METHODS`` in ``common.py``); earlyon 0.3.0 on the same weights
+(ResNets only, ``earlyon_adapter.py``). Smaller
 static timm models of the same family are measured by ``backbones.py``. Every threshold is
 chosen on the 5,000-image validation split carved from train (as the demo); every reported
 number is on the 10,000-image test split. Also measures what fitting costs (``fit_cost.py``) against one
@@ -35,6 +37,7 @@ from timm_dgate import FeatureCache, GatedModel, cache_features, wrap
 from timm_dgate.calibration import ExitTable, measured_tradeoff
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.fashion_mnist import TensorBatches, load_splits, preprocess
+from timm_dgate.gate_kinds import GATE_KINDS
 from timm_dgate.timing import per_image, time_pass
 
 # its stage 2 runs the backbone every step (the dominant cost here); its own default is 20 epochs
@@ -71,11 +74,11 @@ def accuracy_of(cache: FeatureCache) -> float:
     return (cache.logits.argmax(1) == cache.labels).double().mean().item()
 
 
-def fit_in_child(name: str, cache_path: Path, loss: str, out: Path, epochs: int) -> dict:
+def fit_in_child(name: str, cache_path: Path, val_path: Path, kind: str, out: Path, epochs: int) -> dict:
     """Run ``fit_cost.py`` in a fresh process (clean maxrss) with this process's thread count; returns its JSON."""
     script = Path(__file__).with_name("fit_cost.py")
-    command = [sys.executable, str(script), "--model", name, "--cache", str(cache_path), "--loss", loss,
-               "--out", str(out), "--epochs", str(epochs)]
+    command = [sys.executable, str(script), "--model", name, "--cache", str(cache_path), "--kind", kind,
+               "--val-cache", str(val_path), "--out", str(out), "--epochs", str(epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -145,7 +148,8 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     loaders = {key: TensorBatches(data, args.input_size) for key, data in splits.items()}
     loaders["train_128"] = TensorBatches(splits["train"], args.input_size, batch_size=128)
     plain = copy.deepcopy(backbone)  # no hooks: the reference for timing and the plain pass
-    gated = {loss: wrap(backbone, input_size=input_size) for loss in ("hinge", "ce")}
+    kinds = dict.fromkeys(kind for kind, _ in METHODS.values())
+    gated = {kind: wrap(backbone, input_size=input_size, gate_hidden=GATE_KINDS[kind].hidden) for kind in kinds}
     costs = gated["hinge"].costs
     result["gates"] = [b.name for b in gated["hinge"].boundaries]
     result["costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}
@@ -162,32 +166,36 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
               "test": cache_features(gated["hinge"], loaders["test"], split="test", progress=False)}
     result["plain"] = {"val_accuracy": accuracy_of(caches["val"]), "accuracy": accuracy_of(caches["test"]),
                        "gflops": costs.backbone / 1e9}
-    cache_path = out / "train_cache.safetensors"
+    cache_path, val_path = out / "train_cache.safetensors", out / "val_cache.safetensors"
     train.save(cache_path)
+    caches["val"].save(val_path)
     del train
 
     result["fit"] = {}
-    for loss, model in gated.items():
-        gates_path = out / f"{loss}_gates.pt"
-        result["fit"][loss] = fit_in_child(name, cache_path, loss, gates_path, args.gate_epochs)
+    for kind, model in gated.items():
+        gates_path = out / f"{kind}_gates.pt"
+        result["fit"][kind] = fit_in_child(name, cache_path, val_path, kind, gates_path, args.gate_epochs)
         model.gates.load_state_dict(torch.load(gates_path))
         model.freeze_backbone()
-        model.set_gate_loss(loss)  # what fit() records in the child, and the loss's natural exit score
-        print(f"  fitted {loss} gates in {result['fit'][loss]['fit_s']:.1f}s", flush=True)
+        # what fit() records in the child, and the loss's natural exit score
+        model.set_gate_loss(GATE_KINDS[kind].loss, GATE_KINDS[kind].distill)
+        print(f"  fitted {kind} gates in {result['fit'][kind]['fit_s']:.1f}s", flush=True)
     cache_path.unlink()
+    val_path.unlink()
 
     result["methods"] = {}
-    for method, (loss, score) in METHODS.items():
-        model = gated[loss]
+    for method, (kind, score) in METHODS.items():
+        model = gated[kind]
         test_table = ExitTable.from_cache(model, caches["test"], score)
         points = fixed_points(model, score, caches["val"], test_table)
         result["methods"][method] = {
-            "loss": loss, "score": score, "points": [p.to_dict() for p in points],
+            "kind": kind, "score": score, "gate_gflops": [g / 1e9 for g in model.costs.gate],
+            "points": [p.to_dict() for p in points],
             "curve": measured_tradeoff(ExitTable.from_cache(model, caches["val"], score), test_table),
         }
     result["engine_check"] = check_engine(gated["hinge"], caches["test"], loaders["test"], args.check_images)
-    for loss, model in gated.items():
-        model.save_pretrained(out / f"{loss}_gated", include_backbone=True)
+    for kind, model in gated.items():
+        model.save_pretrained(out / f"{kind}_gated", include_backbone=True)
 
     if name in earlyon_adapter.SUPPORTED and not args.no_earlyon:
         if not earlyon_adapter.available():

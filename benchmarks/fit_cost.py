@@ -7,7 +7,7 @@ minus the maxrss once the backbone and the cache are loaded (tracemalloc would m
 allocations, which bypass Python's allocator). Writes the fitted gates for ``compare.py``.
 
     .venv/bin/python benchmarks/fit_cost.py --model resnet18 --cache runs/bench/resnet18/train_cache.safetensors \
-        --loss hinge --out runs/bench/resnet18/hinge_gates.pt
+        --kind hinge --out runs/bench/resnet18/hinge_gates.pt
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from common import load_trained
 
-from timm_dgate import fit, wrap
+from timm_dgate import wrap
 from timm_dgate.cache import FeatureCache
+from timm_dgate.gate_kinds import GATE_KINDS, fit_kind
 
 
 def maxrss_mib() -> float:
@@ -34,22 +35,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--loss", choices=("hinge", "ce"), required=True)
+    parser.add_argument("--kind", choices=list(GATE_KINDS), required=True)
+    parser.add_argument("--val-cache", type=Path, help="validation features (kinds with survivor refits)")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    gated = wrap(load_trained(args.model), input_size=(1, args.input_size, args.input_size))
+    kind = GATE_KINDS[args.kind]
+    size = (1, args.input_size, args.input_size)
+    gated = wrap(load_trained(args.model), input_size=size, gate_hidden=kind.hidden)
     cache = FeatureCache.load(args.cache)
+    val = FeatureCache.load(args.val_cache) if args.val_cache else None
     before = maxrss_mib()
     start = time.perf_counter()
-    report = fit(gated, cache, loss=args.loss, epochs=args.epochs, progress=False)
+    report = fit_kind(gated, cache, kind, val, epochs=args.epochs, progress=False)
     seconds = time.perf_counter() - start
     peak = maxrss_mib()
     torch.save(gated.gates.state_dict(), args.out)
     cache_mib = sum(f.numel() * f.element_size() for f in cache.features) / 2**20
     print(json.dumps({
-        "loss": args.loss, "epochs": args.epochs, "fit_s": seconds, "threads": torch.get_num_threads(),
+        "kind": args.kind, "loss": kind.loss, "epochs": args.epochs, "fit_s": seconds,
+        "threads": torch.get_num_threads(),
         "maxrss_before_mib": before, "maxrss_after_mib": peak, "fit_peak_delta_mib": peak - before,
         "cache_features_mib": cache_mib, "train_accuracy": report.train_accuracy,
     }))

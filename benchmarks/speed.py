@@ -22,7 +22,7 @@ from pathlib import Path
 
 import earlyon_adapter
 import torch
-from common import STATIC, Variant, backbone_folder, load_trained, machine, profile_name
+from common import DEFAULT_METHOD, HINGE, METHODS, STATIC, Variant, backbone_folder, load_trained, machine, profile_name
 
 import timm_dgate
 from timm_dgate import GatedModel
@@ -33,6 +33,7 @@ from timm_dgate.timing import Run, interleaved, paired_ratio
 
 IMAGES = {1: 200, 64: 512, 256: 1024}
 CE_LABEL = "-0.5pt"  # the one target at which the other methods are timed too
+EVERY_TARGET = (HINGE, DEFAULT_METHOD)  # the paper's gates and the default kind are timed at every target
 
 
 def gated_run(model: GatedModel, profile: str | None, **kwargs: bool) -> Run:
@@ -81,8 +82,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     result = json.loads((folder / "results.json").read_text())
     input_size = (1, args.input_size, args.input_size)
     plain = load_trained(name)
-    hinge = timm_dgate.from_pretrained(folder / "hinge_gated").eval()
-    ce = timm_dgate.from_pretrained(folder / "ce_gated").eval()
+    gated = {kind: timm_dgate.from_pretrained(folder / f"{kind}_gated").eval()
+             for kind in dict.fromkeys(kind for kind, _ in METHODS.values())}
     statics = {s: load_trained(s) for s in STATIC.get(name, []) if (backbone_folder(s) / "model.safetensors").exists()}
     wrapper = policy = eo_costs = None
     if "earlyon" in result:
@@ -93,17 +94,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         count = max(batch, IMAGES.get(batch, 1024) if args.images is None else args.images)
         images = preprocess(test[:count], args.input_size)
         batches = images.split(batch)
-        closed = gated_run(hinge, None, return_exits=True)  # the engine with nothing to do: its overhead
+        closed = gated_run(gated["hinge"], None, return_exits=True)  # the engine with nothing to do: its overhead
         timed: dict[str, Variant] = {"plain": (plain, batches), "gates closed": (closed, batches)}
         ideal = {"plain": 1.0, "gates closed": 1.0}
-        for label in DROPS:
-            profile = profile_name("margin", label)
-            timed[f"hinge {label}"] = (gated_run(hinge, profile), batches)
-            ideal[f"hinge {label}"] = gated_ideal(hinge, profile, batches)
-        for score in ("softmax", "entropy"):
-            key, profile = f"CE {score} {CE_LABEL}", profile_name(score, CE_LABEL)
-            timed[key] = (gated_run(ce, profile), batches)
-            ideal[key] = gated_ideal(ce, profile, batches)
+        for method, (kind, score) in METHODS.items():
+            for label in DROPS if method in EVERY_TARGET else [CE_LABEL]:
+                key, profile = f"{method} {label}", profile_name(score, label)
+                timed[key] = (gated_run(gated[kind], profile), batches)
+                ideal[key] = gated_ideal(gated[kind], profile, batches)
         if wrapper is not None:
             key = f"earlyon {CE_LABEL}" + (" (per-sample router)" if batch == 1 else " (batched: all-or-nothing)")
             timed[key] = (earlyon_adapter.runner(wrapper, batched=batch > 1), batches)
@@ -123,7 +121,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             })
         print(f"{name} batch {batch}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x/{r['ideal']:.2f}x"
                                                   for r in rows if r["batch"] == batch), flush=True)
-    hinge.close_gates()
+    for model in gated.values():
+        model.close_gates()
     return {"model": name, "rows": rows, "repeats": args.repeats, "threads": torch.get_num_threads()}
 
 

@@ -74,7 +74,7 @@ def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, imag
         raise AssertionError("the backbone ran although every split was cached")
 
     monkeypatch.setattr(recipe, "cache_features", no_backbone)
-    assert cli.fit_main([*argv, "--gate-loss", "ce", "--max-drop", "1", "--push-to-hub", "org/ce-gates"]) == 0
+    assert cli.fit_main([*argv, "--gate-kind", "ce", "--max-drop", "1", "--push-to-hub", "org/ce-gates"]) == 0
     assert intercepted_hub.repo["repo_id"] == "org/ce-gates"  # the real push, intercepted at its HTTP calls
     assert intercepted_hub.files["tradeoff.png"] == (tmp_path / "tradeoff.png").read_bytes()
     assert intercepted_hub.files["profiles.json"] == (tmp_path / "hub" / "profiles.json").read_bytes()
@@ -174,7 +174,7 @@ def test_bad_input_exits_2_with_a_message(argv, message, image_folder, fitted, c
 
 
 def test_recipe_script_reports_bad_arguments_like_argparse():
-    argv = [sys.executable, str(ROOT / "recipes/fit.py"), "--model", "test_resnet", "--gate-loss", "svm"]
+    argv = [sys.executable, str(ROOT / "recipes/fit.py"), "--model", "test_resnet", "--gate-kind", "svm"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "invalid choice: 'svm'" in done.stderr

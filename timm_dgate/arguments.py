@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .losses import GATE_LOSSES
+from .gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
 
 DESCRIPTION = (
     "Fit decision gates to a trained timm classifier, calibrate threshold profiles on validation data, "
@@ -96,10 +96,12 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     gates = parser.add_argument_group("gates")
     gates.add_argument("--gates", nargs="+", default=None, metavar="BOUNDARY",
                        help="boundary names or indices (see `timm-dgate stages MODEL`); default: after each stage")
-    gates.add_argument("--gate-loss", choices=GATE_LOSSES, default="hinge",
-                       help="hinge (the paper's one-vs-all SVM gates) or ce (cross-entropy baseline)")
+    gates.add_argument("--gate-kind", choices=list(GATE_KINDS), default=DEFAULT_GATE_KIND,
+                       help="how the gates are built and trained (docs/concepts.md, 'Gate kinds'); "
+                            "hinge is the paper's")
     gates.add_argument("--gate-epochs", type=int, default=300, help="full-batch steps on the cached features")
-    gates.add_argument("--gate-lr", type=float, default=0.2, help="Adam learning rate (cosine-decayed)")
+    gates.add_argument("--gate-lr", type=float, default=None,
+                       help="Adam learning rate, cosine-decayed (default: the kind's, 0.2 linear, 0.01 MLP)")
     gates.add_argument("--gate-reg", type=float, default=1e-4, help="L2 weight lambda of ||W||^2")
     add_target_arguments(parser)
     add_chance_argument(parser)
@@ -112,7 +114,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_fit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_target_arguments(parser, args)
-    if args.gate_epochs < 1 or args.gate_lr <= 0 or args.gate_reg < 0:
+    if args.gate_epochs < 1 or (args.gate_lr is not None and args.gate_lr <= 0) or args.gate_reg < 0:
         parser.error("--gate-epochs and --gate-lr must be positive, --gate-reg not negative")
     if args.num_classes is not None and args.num_classes < 1:
         parser.error(f"--num-classes must be positive, got {args.num_classes}")

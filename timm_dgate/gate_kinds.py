@@ -59,6 +59,7 @@ GATE_KINDS: dict[str, GateKind] = {
     "mlp": GateKind(hidden=128),
     "survivors": GateKind(survivor_rounds=2),
 }
+DEFAULT_GATE_KIND = "hinge"  # until the converged benchmarks say which kind is best
 
 
 def gate_kind(name: str) -> GateKind:

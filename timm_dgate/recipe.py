@@ -28,11 +28,12 @@ from .datasets import VALIDATION, DataConfig, RecipeData, SplitData, data_config
 from .distributed import Reducer
 from .errors import InputError
 from .evaluation import EvalReport, evaluate
+from .gate_kinds import DEFAULT_GATE_KIND, fit_kind, gate_kind
 from .hub import BACKBONE_CONFIG_NAME
 from .model import GatedModel, wrap
 from .plots import plot_tradeoff
 from .reports import data_config_summary, recipe_results
-from .training import FitReport, fit
+from .training import FitReport
 from .version import __version__
 
 HUB_DIR, CACHE_DIR, PLOT_NAME = "hub", "cache", "tradeoff.png"
@@ -54,9 +55,9 @@ class RecipeConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     gates: tuple[str, ...] | None = None
-    gate_loss: str = "hinge"
+    gate_kind: str = DEFAULT_GATE_KIND
     gate_epochs: int = 300
-    gate_lr: float = 0.2
+    gate_lr: float | None = None
     gate_reg: float = 1e-4
     max_drop: tuple[float, ...] = (0, 0.5, 1, 2)
     max_gflops: tuple[float, ...] = ()
@@ -153,11 +154,13 @@ def preprocessing_source(config: RecipeConfig, origin: str) -> str:
     return f"{', '.join(flags)} from flags; the rest from {origin}" if flags else f"from {origin}"
 
 
-def wrap_model(model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...]) -> GatedModel:
+def wrap_model(
+    model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...], gate_hidden: int = 0
+) -> GatedModel:
     """``wrap`` with CLI-style gate positions (names, or integers as strings)."""
     positions = [int(g) if g.lstrip("-").isdigit() else g for g in gates] if gates else None
     try:
-        return wrap(model, positions, input_size=input_size)
+        return wrap(model, positions, input_size=input_size, gate_hidden=gate_hidden)
     except ValueError as error:
         raise InputError(str(error)) from error
 
@@ -202,7 +205,8 @@ def run_fit(config: RecipeConfig) -> int:
     preprocessing = data_config(model, config.input_size, config.img_size, config.mean, config.std)
     source = preprocessing_source(config, origin)
     say(f"preprocessing: {data_config_summary(preprocessing)} ({source})")
-    gated = wrap_model(model, config.gates, preprocessing["input_size"]).to(accelerator.device)
+    kind = gate_kind(config.gate_kind)
+    gated = wrap_model(model, config.gates, preprocessing["input_size"], kind.hidden).to(accelerator.device)
     data = RecipeData(config.data, preprocessing)
     splits = data.splits()
     for split in splits.values():
@@ -222,13 +226,15 @@ def run_fit(config: RecipeConfig) -> int:
         name: store.features(gated, accelerator.prepare_data_loader(data.loader(split)), split)
         for name, split in splits.items()
     }
-    report = fit(
-        gated, caches["train"], loss=config.gate_loss, epochs=config.gate_epochs, lr=config.gate_lr,
-        reg=config.gate_reg, accelerator=accelerator, seed=config.seed, progress=accelerator.is_main_process,
-    )
-    say(f"{config.gate_loss} gates fitted on {report.num_samples} images by {report.num_processes} process(es); "
-        "train accuracy per gate: " + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
+    # every process holds all held-out rows, so survivor refits pick the same thresholds on every rank
     held_out = {name: reducer.gather_cache(caches[name]) for name in ("validation", "test") if name in caches}
+    report = fit_kind(
+        gated, caches["train"], kind, held_out["validation"], epochs=config.gate_epochs, reg=config.gate_reg,
+        accelerator=accelerator, seed=config.seed, progress=accelerator.is_main_process,
+        **({"lr": config.gate_lr} if config.gate_lr else {}),
+    )
+    say(f"{config.gate_kind} gates fitted on {report.num_samples} images by {report.num_processes} process(es); "
+        "train accuracy per gate: " + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
     if not accelerator.is_main_process:
         return 0
     calibrate_targets(
@@ -268,7 +274,7 @@ def write_outputs(
     table = ExitTable.from_cache(gated, held_out[measured])
     points = [(p.name, *table.evaluate(p.thresholds)[:2]) for p in profiles]
     plot_tradeoff(
-        {f"{gated.gate_loss} gates (thresholds from validation)": measured_tradeoff(val_table, table)},
+        {f"{config.gate_kind} gates (thresholds from validation)": measured_tradeoff(val_table, table)},
         (table.plain_accuracy, gated.costs.backbone / 1e9), out / PLOT_NAME,
         split=measured, profiles=points, title=f"{config.model}: accuracy against cost on {measured}",
     )
@@ -284,7 +290,7 @@ def write_outputs(
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str))
     data = "; ".join(f"{name} {s['images']} images ({s['source']})" for name, s in sizes.items())
     (out / RESULTS_MD).write_text(recipe_results(
-        f"{config.model} with {gated.gate_loss} decision gates",
+        f"{config.model} with {config.gate_kind} decision gates",
         f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {data}.\n\n"
         f"Preprocessing: {data_config_summary(preprocessing['data_config'])} ({preprocessing['source']}).",
         [(b.name, a) for b, a in zip(gated.boundaries, report.train_accuracy)],

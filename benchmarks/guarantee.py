@@ -1,0 +1,95 @@
+"""How often does a profile land below its accuracy target on new data? 50 random re-splits of validation/test.
+
+``calibrate(..., confidence=0.9)`` promises that an accuracy target holds for the validation
+estimate's 90% lower confidence bound, so on new data the profile should miss its target at
+most about 10% of the time; without ``confidence`` about half the time. This script checks
+both: the gates are fit once on the training split, then the 15,000 validation and test
+images are pooled and re-split at random 50 times into 5,000 for calibration and 10,000 for
+scoring. A miss: the profile's test accuracy is below the plain model's test accuracy minus
+the allowed drop. Writes ``runs/bench/guarantee/<model>.json``, which ``report.py`` reads.
+
+    .venv/bin/python benchmarks/guarantee.py --model resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import ROOT, backbone_epochs, load_trained
+
+from timm_dgate import FeatureCache, cache_features, calibrate, wrap
+from timm_dgate.calibration import ExitTable
+from timm_dgate.errors import CalibrationError
+from timm_dgate.fashion_mnist import TensorBatches, load_splits
+from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
+
+OUT = Path("runs/bench/guarantee")
+
+
+def rows(cache: FeatureCache, index: torch.Tensor, split: str) -> FeatureCache:
+    """The cache restricted to ``index`` (fingerprints kept, so calibration's provenance checks still run)."""
+    fingerprints = None if cache.fingerprints is None else cache.fingerprints[index]
+    return FeatureCache([f[index] for f in cache.features], cache.logits[index], cache.labels[index], split,
+                        fingerprints)
+
+
+def pooled(a: FeatureCache, b: FeatureCache) -> FeatureCache:
+    fingerprints = None if a.fingerprints is None else torch.cat([a.fingerprints, b.fingerprints])
+    return FeatureCache([torch.cat(pair) for pair in zip(a.features, b.features)], torch.cat([a.logits, b.logits]),
+                        torch.cat([a.labels, b.labels]), "validation", fingerprints)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--kind", default=DEFAULT_GATE_KIND, choices=list(GATE_KINDS))
+    parser.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="points")
+    parser.add_argument("--confidences", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--resplits", type=int, default=50)
+    parser.add_argument("--calibration-images", type=int, default=5000)
+    parser.add_argument("--root", type=Path, default=ROOT)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    splits = load_splits()
+    kind = GATE_KINDS[args.kind]
+    gated = wrap(load_trained(args.model, args.root), input_size=(1, 32, 32), gate_hidden=kind.hidden)
+    caches = {name: cache_features(gated, TensorBatches(getattr(splits, name), 32), split=split, progress=False)
+              for name, split in (("train", "train"), ("val", "validation"), ("test", "test"))}
+    fit_kind(gated, caches["train"], kind, caches["val"], progress=False)
+    pool = pooled(caches["val"], caches["test"])
+    generator = torch.Generator().manual_seed(0)
+    misses = {(d, c): 0 for d in args.drops for c in [None, *args.confidences]}
+    saved = {key: [] for key in misses}
+    for _ in range(args.resplits):
+        order = torch.randperm(len(pool), generator=generator)
+        val = rows(pool, order[: args.calibration_images], "validation")
+        test = rows(pool, order[args.calibration_images :], "resplit test")
+        table = ExitTable.from_cache(gated, test)
+        for drop, confidence in misses:
+            try:
+                profile = calibrate(gated, val, max_drop=drop / 100, confidence=confidence, activate=False)
+            except CalibrationError:  # no gate can open within the bound: the plain model, which never misses
+                saved[(drop, confidence)].append(0.0)
+                continue
+            accuracy, gflops, _ = table.evaluate(profile.thresholds)
+            misses[(drop, confidence)] += accuracy < table.plain_accuracy - drop / 100
+            saved[(drop, confidence)].append(1 - gflops * 1e9 / gated.costs.backbone)
+    result = {
+        "model": args.model, "kind": args.kind, "backbone_epochs": backbone_epochs(args.model, args.root),
+        "resplits": args.resplits, "calibration_images": args.calibration_images,
+        "rows": [{"drop_points": d, "confidence": c, "miss_rate": misses[(d, c)] / args.resplits,
+                  "mean_flops_saved": sum(saved[(d, c)]) / max(1, len(saved[(d, c)]))} for d, c in misses],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.model}.json").write_text(json.dumps(result, indent=1))
+    for row in result["rows"]:
+        print(f"drop {row['drop_points']:g}pt confidence {row['confidence']}: missed the target on test in "
+              f"{100 * row['miss_rate']:.0f}% of {args.resplits} re-splits; "
+              f"FLOPs saved {100 * row['mean_flops_saved']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
