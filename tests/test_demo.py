@@ -12,7 +12,8 @@ from timm.data import create_transform, resolve_data_config
 
 import timm_dgate
 from timm_dgate.demo.backbone import accuracy, cached_backbone
-from timm_dgate.demo.pipeline import DROPS, DemoConfig, run_demo
+from timm_dgate.demo.pipeline import DEMO_KINDS, DROPS, DemoConfig, run_demo
+from timm_dgate.gate_kinds import DEFAULT_GATE_KIND
 from timm_dgate.fashion_mnist import load_splits
 from timm_dgate.reports import accuracy_at
 
@@ -32,7 +33,8 @@ def test_demo_runs_end_to_end_reuses_its_backbone_and_publishes_what_plain_timm_
                  "backbone/model.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<table>") == 4 and page.count('src="data:image/png;base64,') == 2  # tables and both plots
+    # one evaluation table per gate kind, exits per class, accuracy at equal compute; both plots
+    assert page.count("<table>") == len(DEMO_KINDS) + 2 and page.count('src="data:image/png;base64,') == 2
     hinge = results["reports"]["hinge"]
     assert hinge["split"] == "test" and hinge["num_images"] == 1000 and hinge["plain_accuracy"] > 0.5
     assert [p["name"] for p in hinge["profiles"]] == [f"hinge/margin {label}" for label in DROPS]
@@ -40,8 +42,8 @@ def test_demo_runs_end_to_end_reuses_its_backbone_and_publishes_what_plain_timm_
     for profile in hinge["profiles"]:
         assert 0 <= profile["flops_reduction"] < 1 and sum(profile["exit_fractions"]) > 0.999
     assert json.loads((tmp_path / "results.json").read_text())["gates"] == ["layer1", "layer2", "layer3"]
-    published = timm_dgate.from_pretrained(tmp_path / "hub")
-    assert list(published.profiles) == [p["name"] for p in hinge["profiles"]]
+    published = timm_dgate.from_pretrained(tmp_path / "hub")  # the default kind's gates
+    assert list(published.profiles) == [p["name"] for p in results["reports"][DEFAULT_GATE_KIND]["profiles"]]
     assert all(p.split == "validation" and p.test["split"] == "test" for p in published.profiles.values())
 
     splits = load_splits(val_size=cfg.val_size, seed=cfg.seed, limit=cfg.limit)

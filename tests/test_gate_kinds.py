@@ -16,6 +16,7 @@ import torch
 import timm_dgate
 from timm_dgate.cache import FeatureCache, cache_features
 from timm_dgate.errors import HubFormatError
+from timm_dgate.gate_kinds import GATE_KINDS, fit_kind, gate_kind
 from timm_dgate.losses import cross_entropy
 from timm_dgate.training import fit, survivor_weights
 
@@ -94,7 +95,7 @@ def test_gate_weights_that_do_not_match_the_hidden_width_are_refused(tmp_path):
     _mlp_gated(hidden=16).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "dgate_config.json").read_text())
     (tmp_path / "dgate_config.json").write_text(json.dumps(config | {"gate_hidden": 8}))
-    with pytest.raises(HubFormatError, match="hidden.0.weight has shape"):
+    with pytest.raises(HubFormatError, match=r"hidden\.0\.weight has shape"):
         timm_dgate.from_pretrained(tmp_path)
 
 
@@ -163,3 +164,23 @@ def test_sample_weights_must_match_the_cache(trained_caches):
     train, _ = trained_caches
     with pytest.raises(ValueError, match="one per cached row"):
         fit(trained_gated_copy(), train, sample_weights=[torch.ones(3)] * 3, epochs=1, progress=False)
+
+
+def test_fit_kind_refuses_a_model_wrapped_for_another_kind(trained_caches):
+    train, val = trained_caches
+    with pytest.raises(ValueError, match="gate_hidden=128"):
+        fit_kind(trained_gated_copy(), train, GATE_KINDS["mlp"], val, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="pass val="):
+        fit_kind(trained_gated_copy(), train, GATE_KINDS["survivors"], epochs=1, progress=False)
+    with pytest.raises(ValueError, match="unknown gate kind 'svm'"):
+        gate_kind("svm")
+
+
+def test_survivor_kind_leaves_closed_gates_and_no_stale_profile(trained_caches):
+    """The thresholds a survivor round calibrates belong to gates that are then refit: none may survive the fit."""
+    train, val = trained_caches
+    gated = trained_gated_copy()
+    fit_kind(gated, train, GATE_KINDS["survivors"], val, epochs=30, progress=False)
+    assert gated.profiles == {} and gated.active_profile is None
+    assert all(t == math.inf for t in gated.thresholds)
+    assert gated.gate_loss == "ce" and gated.exit_score == "softmax"

@@ -17,17 +17,20 @@ import timm_dgate
 from timm_dgate.cache import FeatureCache, cache_features
 from timm_dgate.calibration import ExitTable, calibrate, measured_tradeoff
 from timm_dgate.evaluation import EvalReport, evaluate
+from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
+from timm_dgate.losses import DEFAULT_EXIT_SCORE
 from timm_dgate.plots import plot_tradeoff
 from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
-from timm_dgate.training import fit
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
 from .backbone import cached_backbone
 
 # profile name -> allowed drop from the plain model's validation accuracy
 DROPS = {"iso": 0.001, "-0.5pt": 0.005, "-1pt": 0.01, "-2pt": 0.02}
-# gate loss -> the exit scores it is calibrated with
-GATE_KINDS = {"hinge": ("margin",), "ce": ("softmax", "entropy")}
+# gate kind -> the exit scores it is calibrated with: the paper's gates, the cross-entropy baseline, and the default
+DEMO_KINDS = {"hinge": ("margin",), "ce": ("softmax", "entropy")} | {
+    DEFAULT_GATE_KIND: (DEFAULT_EXIT_SCORE[GATE_KINDS[DEFAULT_GATE_KIND].loss],)
+}
 
 
 @dataclass
@@ -84,7 +87,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     input_size = (1, cfg.input_size, cfg.input_size)
     loaders = {name: TensorBatches(getattr(splits, name), cfg.input_size) for name in ("train", "val", "test")}
-    gated = {loss: timm_dgate.wrap(backbone, input_size=input_size) for loss in GATE_KINDS}
+    gated = {kind: timm_dgate.wrap(backbone, input_size=input_size, gate_hidden=GATE_KINDS[kind].hidden)
+             for kind in DEMO_KINDS}
     first = gated["hinge"]
     print(f"Gates after {', '.join(b.name for b in first.boundaries)}; cost of reaching each (GFLOPs): "
           + ", ".join(f"{c / 1e9:.4f}" for c in first.costs.cumulative())
@@ -93,15 +97,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         name: cache_features(first, loader, split="validation" if name == "val" else name)
         for name, loader in loaders.items()
     }
-    for loss, model in gated.items():
+    for kind, model in gated.items():
         t0 = time.perf_counter()
-        report = fit(model, caches["train"], loss=loss, epochs=cfg.gate_epochs, seed=cfg.seed)
-        print(f"Fitted {loss} gates in {time.perf_counter() - t0:.1f}s; train accuracy per gate: "
+        report = fit_kind(model, caches["train"], GATE_KINDS[kind], caches["val"], epochs=cfg.gate_epochs,
+                          seed=cfg.seed)
+        print(f"Fitted {kind} gates in {time.perf_counter() - t0:.1f}s; train accuracy per gate: "
               + ", ".join(f"{100 * a:.1f}%" for a in report.train_accuracy))
-        for score in GATE_KINDS[loss]:
+        for score in DEMO_KINDS[kind]:
             for label, drop in DROPS.items():
                 calibrate(model, caches["val"], max_drop=drop, confidence=cfg.confidence, exit_score=score,
-                          name=f"{loss}/{score} {label}")
+                          name=f"{kind}/{score} {label}")
 
     sections: list[tuple[str, str]] = []
 
@@ -110,23 +115,23 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"\n{title}:\n\n{body}")
 
     reports: dict[str, EvalReport] = {}
-    for loss, model in gated.items():
-        reports[loss] = evaluate(
+    for kind, model in gated.items():
+        reports[kind] = evaluate(
             model, loaders["test"], split="test", timing_images=cfg.timing_images, repeats=cfg.timing_repeats,
             record=True,
         )
-        section(f"{loss} gates on the test split ({reports[loss].num_images} images)",
-                evaluation_table(reports[loss]))
+        section(f"{kind} gates on the test split ({reports[kind].num_images} images)",
+                evaluation_table(reports[kind]))
 
     gate_names = [b.name for b in first.boundaries]
-    hinge_iso = reports["hinge"].profiles[0]
-    section(f"Exits per class, {hinge_iso.name} (share of each class's test images)",
-            exits_per_class_table(hinge_iso, CLASSES, gate_names))
+    default_iso = reports[DEFAULT_GATE_KIND].profiles[0]
+    section(f"Exits per class, {default_iso.name} (share of each class's test images)",
+            exits_per_class_table(default_iso, CLASSES, gate_names))
 
     curves = {}
-    for loss, model in gated.items():
-        for score in GATE_KINDS[loss]:
-            curves[f"{loss} gates ({score})"] = measured_tradeoff(
+    for kind, model in gated.items():
+        for score in DEMO_KINDS[kind]:
+            curves[f"{kind} gates ({score})"] = measured_tradeoff(
                 ExitTable.from_cache(model, caches["val"], score), ExitTable.from_cache(model, caches["test"], score)
             )
     plain_point = (reports["hinge"].plain_accuracy, reports["hinge"].plain_gflops)
@@ -134,24 +139,25 @@ def run_demo(cfg: DemoConfig) -> dict:
             equal_flops_table(curves, plain_point))
     plot_tradeoff(curves, plain_point, out / "tradeoff.png", split="test",
                   title="Fashion-MNIST test split (thresholds chosen on validation)")
-    _plot_exits(hinge_iso, gate_names, out / "exits_per_class.png")
+    _plot_exits(default_iso, gate_names, out / "exits_per_class.png")
 
     results = {
         "config": asdict(cfg),
         "seconds": time.perf_counter() - started,
         "gates": gate_names,
-        "reports": {loss: asdict(r) for loss, r in reports.items()},
+        "reports": {kind: asdict(r) for kind, r in reports.items()},
         "curves": curves,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text("\n".join(f"## {title}\n\n{body}\n" for title, body in sections))
     plots = [("accuracy against cost on the test split", out / "tradeoff.png"),
-             (f"where each class exits ({hinge_iso.name})", out / "exits_per_class.png")]
+             (f"where each class exits ({default_iso.name})", out / "exits_per_class.png")]
     page = html_report(f"timm_dgate demo: {cfg.model} on Fashion-MNIST", sections,
                        [(caption, path.read_bytes()) for caption, path in plots])
     (out / "report.html").write_text(page, encoding="utf-8")
-    hub = gated["hinge"].save_pretrained(out / "hub", tradeoff_plot=out / "tradeoff.png")
-    print(f"\nHinge-gated model with its profiles: {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
+    hub = gated[DEFAULT_GATE_KIND].save_pretrained(out / "hub", tradeoff_plot=out / "tradeoff.png")
+    print(f"\nThe {DEFAULT_GATE_KIND}-gated model with its profiles: {hub} "
+          f"(timm_dgate.from_pretrained({str(hub)!r}))")
     print(f"Numbers: {out / 'results.json'}; tables: {out / 'report.md'}; plots: {out / 'tradeoff.png'}, "
           f"{out / 'exits_per_class.png'}")
     print(f"Demo finished in {results['seconds']:.0f}s. Everything in one page: {out / 'report.html'}")
