@@ -89,7 +89,7 @@ class ExitRun:
         stay, go = order[:n_stay], order[n_stay:]
         self.exited.append((self.alive[go], margins[go], k))
         self.alive = self.alive[stay]
-        return output.index_select(0, stay)
+        return output[stay]  # unlike index_select, keeps the layout: channels_last stays channels_last
 
     def finish(self, head: torch.Tensor | None, head_index: int) -> ExitResult:
         """Logits in input order from every exit and the head's rows (``None``: nobody reached it)."""

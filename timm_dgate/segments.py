@@ -18,15 +18,21 @@ gave) and groups the segments into the work before each exit and after the last.
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import ExportError
+from .scores import exit_score
+
+if TYPE_CHECKING:
+    from .model import GatedModel
 
 
 def segment_names(model: nn.Module, boundaries: Sequence[str]) -> list[str]:
@@ -59,6 +65,56 @@ def compile_segments(model: nn.Module, boundaries: Sequence[str], **compile_kwar
         runner = types.FunctionType(code, _run_segment.__globals__, code.co_name)
         module.forward = functools.partial(torch.compile(runner, **compile_kwargs), module.forward)
     return names
+
+
+def _dynamo_counts() -> dict[str, Counter]:
+    from torch._dynamo.utils import counters
+
+    return {key: Counter(value) for key, value in counters.items()}
+
+
+@torch.no_grad()
+def compile_problem(gated: GatedModel, batch_sizes: Sequence[int] = (5, 9)) -> str | None:
+    """Why ``gated.compile()`` does not work for this model, or ``None`` when it does.
+
+    Compiles a copy with dynamo's ``eager`` backend (the graphs inductor would compile, without
+    generating code) and warms it at batch sizes 1 and 2 (dynamo specialises size 1). Then, with
+    each gate's threshold at the median of its scores so samples leave at every gate, it runs
+    ``batch_sizes``: these must reuse the warm graphs. Reports a failure, a graph break or a
+    fallback to eager inside a segment, a recompile, or outputs that differ from eager (1e-4).
+    """
+    model = copy.deepcopy(gated).eval()
+    param = next(model.parameters())
+    batches = [torch.randn((n, *model.input_size), generator=torch.Generator().manual_seed(n)).to(param)
+               for n in (1, 2, *batch_sizes)]
+    margins, _ = model.forward_gates(torch.cat(batches[2:]))
+    thresholds = [exit_score(m, model.exit_score).median().item() for m in margins]
+    model.set_thresholds(thresholds)
+    want = [model(x, return_exits=True) for x in batches[2:]]
+    before = _dynamo_counts()
+    try:
+        model.compile(backend="eager")
+        model.close_gates()
+        for x in batches[:2]:
+            model(x)
+        warm = _dynamo_counts()["stats"]["unique_graphs"]
+        model.set_thresholds(thresholds)
+        got = [model(x, return_exits=True) for x in batches[2:]]
+    except Exception as error:
+        return f"compiling a segment fails ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    after = _dynamo_counts()
+    breaks = after.get("graph_break", Counter()) - before.get("graph_break", Counter())
+    if breaks:
+        return f"a segment's graph breaks: {next(iter(breaks))}"[:300]
+    fallbacks = after.get("unimplemented", Counter()) - before.get("unimplemented", Counter())
+    if fallbacks:
+        return f"a segment runs eager (dynamo gave up: {next(iter(fallbacks))})"[:300]
+    if after["stats"]["unique_graphs"] > warm:
+        return f"new batch sizes and exit patterns compile new graphs ({after['stats']['unique_graphs'] - warm})"
+    for w, g in zip(want, got):
+        if not torch.equal(w.exits, g.exits) or not torch.allclose(w.logits, g.logits, rtol=0, atol=1e-4):
+            return "the compiled model's exits or logits differ from eager"
+    return None
 
 
 class Chain(nn.Module):
