@@ -170,9 +170,9 @@ def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
         counters.clear()
         run = copy.deepcopy(gated)
         if label == "gated.compile()":
-            run.compile()
+            run.compile(backend=args.paths_backend)
         else:
-            run = torch.compile(run)
+            run = torch.compile(run, backend=args.paths_backend)
         start = time.perf_counter()
         for x in batches:
             first_call_seconds(run, x)
@@ -253,7 +253,8 @@ def report(args: argparse.Namespace, results: list[dict[str, object]], paths: li
         lines += model_section(r, args)
     if paths:
         lines += ["## gated.compile() against torch.compile(gated)", "",
-                  "timm `test_resnet` (random), half leave at gate 0; 12 batches of sizes 1 to 256, inductor: "
+                  f"timm `test_resnet` (random), half leave at gate 0; 12 batches of sizes 1 to 256, backend "
+                  f"`{args.paths_backend}`: "
                   "graphs compiled and seconds of the first pass (compiling included) and of a warm pass.", "",
                   "| path | graphs | graph breaks | first pass s | warm pass s |", "|---|---|---|---|---|"]
         lines += [f"| `{p['path']}` | {p['graphs']} | {p['graph breaks']} | {p['first pass s']:.1f} "
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch1-images", type=int, default=64, help="images per timed pass at batch 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-paths", action="store_true", help="also gated.compile() vs torch.compile(gated)")
+    parser.add_argument("--paths-backend", default="inductor", help="torch.compile backend for --compile-paths")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args(argv)
     env = machine()
