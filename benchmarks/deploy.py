@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import shlex
 import statistics
 import sys
@@ -157,32 +158,45 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
-    """``gated.compile()`` against ``torch.compile(gated)``: graphs and seconds over batches of changing sizes."""
-    sizes = [1, 16, 37, 64, 5, 128, 200, 9, 256, 77, 3, 150]
+    """``gated.compile()`` against ``torch.compile(gated)``: graphs and seconds over batches of changing sizes.
+
+    A first pass of 12 batch sizes, then 12 new sizes with other thresholds (new exit patterns):
+    graphs compiled in each, graph breaks, the seconds of each pass (compiling included), and a
+    warm pass over the first sizes again.
+    """
+    first_sizes = [1, 16, 37, 64, 5, 128, 200, 9, 256, 77, 3, 150]
+    new_sizes = [2, 23, 50, 99, 7, 180, 31, 240, 11, 60, 130, 4]
     input_size = (args.in_chans, args.input_size, args.input_size)
     _, gated = build("test_resnet", input_size)
     images = torch.randn(256, *input_size, generator=torch.Generator().manual_seed(1))
-    gated.set_thresholds(half_exit_thresholds(gated, images))
-    batches = [images[:n] for n in sizes]
+    half = half_exit_thresholds(gated, images)
+    other = (half[0], half[0], math.inf)  # exits at gates 0 and 1: other patterns than the first pass
     out = []
     for label in ("gated.compile()", "torch.compile(gated)"):
         torch._dynamo.reset()
         counters.clear()
-        run = copy.deepcopy(gated)
+        model = copy.deepcopy(gated)
+        model.set_thresholds(half)
+        run = model
         if label == "gated.compile()":
-            run.compile(backend=args.paths_backend)
+            model.compile(backend=args.paths_backend)
         else:
-            run = torch.compile(run, backend=args.paths_backend)
-        start = time.perf_counter()
-        for x in batches:
-            first_call_seconds(run, x)
-        first = time.perf_counter() - start
-        graphs = counters["stats"]["unique_graphs"]
-        second = statistics.median(
-            sum(first_call_seconds(run, x) for x in batches) for _ in range(args.repeats))
-        out.append({"path": label, "graphs": graphs, "first pass s": first, "warm pass s": second,
-                    "graph breaks": sum(counters["graph_break"].values())})
-        print(out[-1], flush=True)
+            run = torch.compile(model, backend=args.paths_backend)
+        row = {"path": label}
+        for name, sizes, thresholds in (("first", first_sizes, half), ("new", new_sizes, other)):
+            model.set_thresholds(thresholds)
+            before = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            for n in sizes:
+                first_call_seconds(run, images[:n])
+            row[f"{name} pass s"] = time.perf_counter() - start
+            row[f"{name} graphs"] = counters["stats"]["unique_graphs"] - before
+        model.set_thresholds(half)
+        row["warm pass s"] = statistics.median(
+            sum(first_call_seconds(run, images[:n]) for n in first_sizes) for _ in range(args.repeats))
+        row["graph breaks"] = sum(counters["graph_break"].values())
+        out.append(row)
+        print(row, flush=True)
     return out
 
 
@@ -255,10 +269,12 @@ def report(args: argparse.Namespace, results: list[dict[str, object]], paths: li
         lines += ["## gated.compile() against torch.compile(gated)", "",
                   f"timm `test_resnet` (random), half leave at gate 0; 12 batches of sizes 1 to 256, backend "
                   f"`{args.paths_backend}`: "
-                  "graphs compiled and seconds of the first pass (compiling included) and of a warm pass.", "",
-                  "| path | graphs | graph breaks | first pass s | warm pass s |", "|---|---|---|---|---|"]
-        lines += [f"| `{p['path']}` | {p['graphs']} | {p['graph breaks']} | {p['first pass s']:.1f} "
-                  f"| {p['warm pass s']:.2f} |" for p in paths]
+                  "graphs compiled and seconds of that pass (compiling included), then 12 new sizes with samples "
+                  "leaving at gates 0 and 1 (new exit patterns), then a warm pass over the first sizes.", "",
+                  "| path | graphs, first pass | graphs, new sizes and exits | graph breaks | first pass s "
+                  "| new pass s | warm pass s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{p['path']}` | {p['first graphs']} | {p['new graphs']} | {p['graph breaks']} "
+                  f"| {p['first pass s']:.1f} | {p['new pass s']:.1f} | {p['warm pass s']:.2f} |" for p in paths]
         lines.append("")
     lines += [f"Machine: {env}. Date: {datetime.date.today()}. Command: "
               f"`{shlex.join([Path(sys.executable).name, *sys.argv])}`. GPU numbers: not measured yet.", ""]

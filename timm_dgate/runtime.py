@@ -155,7 +155,8 @@ class ExportedGatedModel:
         self.segments = [load(self.folder / f) for f in self.manifest.segments]
         self.profiles = {p.name: p for p in self.manifest.profiles}
         self.dtype = getattr(torch, self.manifest.dtype)
-        self.set_thresholds(self.manifest.thresholds, self.manifest.exit_score)
+        self.exit_score = check_exit_score(self.manifest.exit_score)
+        self.set_thresholds(self.manifest.thresholds)
         self.active_profile = self.manifest.active_profile
         if profile is not None:
             self.use_profile(profile)
@@ -175,7 +176,8 @@ class ExportedGatedModel:
     def set_thresholds(self, thresholds: Sequence[float], exit_score: str | None = None) -> None:
         """One threshold per gate (``inf`` closes it), as ``GatedModel.set_thresholds``."""
         self.thresholds = decode_thresholds(list(thresholds), self.num_gates)
-        self.exit_score = check_exit_score(exit_score or self.manifest.exit_score)
+        if exit_score is not None:
+            self.exit_score = check_exit_score(exit_score)
         self.active_profile = None
 
     def close_gates(self) -> None:
