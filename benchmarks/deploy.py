@@ -1,19 +1,24 @@
-"""Does early exit keep its savings when the model is compiled? Plain vs gated, eager vs compiled.
+"""Does early exit keep its savings when deployed? Plain vs gated: eager, compiled, ONNX.
 
-Why: people deploy timm models with ``torch.compile``. ``torch.compile(gated)`` breaks the graph at
-every open gate and recompiles per batch size and exit pattern; ``gated.compile()`` compiles the
-segments between exits once. This times, side by side in one run (``timm_dgate.timing``: variants
-interleaved, medians of per-repeat ratios), for each batch size:
+Why: people deploy timm models with ``torch.compile`` or ONNX. ``gated.compile()`` compiles the
+segments between exits once; ``timm_dgate.export`` writes one ONNX file per segment, run by
+``timm_dgate.runtime.OnnxGatedModel``. For each model this times, side by side in one run
+(``timm_dgate.timing``: variants interleaved, medians of per-repeat ratios), at each batch size:
 
-- ``plain eager`` and ``plain compiled`` (``torch.compile(model, dynamic=True)``);
-- ``gated eager`` and ``gated compiled`` (``gated.compile()``), with gate 0's threshold at the
-  median of its scores on the benchmark images, so half of them leave at gate 0 and the other
-  gates are closed: the FLOPs ideal speed-up is ``backbone / average FLOPs`` of that run;
+- ``plain eager``, ``plain compiled`` (``torch.compile(model, dynamic=True)``), ``plain ONNX``
+  (the whole model as one ONNX file, onnxruntime);
+- ``gated eager``, ``gated compiled`` (``gated.compile()``), ``gated ONNX`` (``export`` +
+  ``OnnxGatedModel``), with gate 0's threshold at the median of its scores on the benchmark images,
+  so half of them leave at gate 0 and the other gates are closed: the FLOPs ideal speed-up is
+  ``backbone / average FLOPs`` of that run;
 
-and the seconds of each compiled variant's first call (its compile time). Random weights: the
-executor's speed does not depend on what the weights learned, only on where samples exit.
+and the seconds of each compiled variant's first call (its compile time), the time of each segment
+at the largest batch against its share of the FLOPs, and what channels_last changes. Random
+weights: the executor's speed does not depend on what the weights learned, only on where samples
+exit. ``--compile-paths`` also compares ``gated.compile()`` with ``torch.compile(gated)`` (graphs and
+seconds over batches of changing sizes) on a tiny model.
 
-    .venv/bin/python benchmarks/deploy.py --model resnet18 --output docs/benchmarks-deploy.md
+    .venv/bin/python benchmarks/deploy.py --models resnet18 resnet50 convnext_atto --output docs/benchmarks-deploy.md
 """
 
 from __future__ import annotations
@@ -21,18 +26,25 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import timm
 import torch
 from common import half_exit_thresholds, machine
+from torch._dynamo.utils import counters
 
 import timm_dgate
+from timm_dgate.runtime import OnnxGatedModel, onnx_runner
+from timm_dgate.segments import Chain, exit_chain
 from timm_dgate.timing import interleaved, paired_ratio
+
+GOAL_COMPILED, GOAL_ONNX = 0.85, 0.8  # fractions of the FLOPs ideal speed-up at the largest batch (issue 14)
 
 
 def build(name: str, input_size: tuple[int, int, int]) -> tuple[torch.nn.Module, timm_dgate.GatedModel]:
@@ -52,86 +64,245 @@ def first_call_seconds(run, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, float], timm_dgate.GatedModel]:
-    input_size = (args.in_chans, args.input_size, args.input_size)
-    plain, gated = build(args.model, input_size)
-    images = torch.randn(args.images, *input_size, generator=torch.Generator().manual_seed(1))
-    half = half_exit_thresholds(gated, images)
-    gated.set_thresholds(half)
+def plain_onnx(model: torch.nn.Module, example: torch.Tensor, folder: Path):
+    """The whole plain model as one ONNX file with a dynamic batch axis, run by onnxruntime."""
+    path = folder / "plain.onnx"
+    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    runner = onnx_runner(path)
+    return lambda x: runner(x)[0]
+
+
+def ideal_speedup(gated: timm_dgate.GatedModel, images: torch.Tensor) -> float:
     with torch.inference_mode():
         exits = gated(images, return_exits=True).exits
-    ideal = gated.costs.backbone / gated.costs.average(exits, half)
+    return gated.costs.backbone / gated.costs.average(exits, gated.thresholds)
+
+
+def segment_rows(gated: timm_dgate.GatedModel, batch: torch.Tensor, repeats: int) -> list[dict[str, object]]:
+    """Eager seconds of each segment on the whole batch (no exits), against its share of the backbone's FLOPs."""
+    backbone = gated.base_model
+    pieces = exit_chain(backbone, [b.module for b in gated.boundaries], batch[:2])
+    chains = [Chain([backbone.get_submodule(n) for n in names]).eval() for names in pieces]
+    inputs = [batch]
+    with torch.inference_mode():
+        for chain in chains[:-1]:
+            inputs.append(chain(inputs[-1]))
+    seconds = interleaved({f"segment {k}": (chain, [x]) for k, (chain, x) in enumerate(zip(chains, inputs))},
+                          repeats)
+    costs = gated.costs
+    edges = [0.0, *costs.to_gate, costs.backbone]
+    total = sum(statistics.median(s) for s in seconds.values())
+    return [{"segment": k, "modules": f"{names[0]} .. {names[-1]}" if len(names) > 1 else names[0],
+             "flops share": (edges[k + 1] - edges[k]) / costs.backbone,
+             "time share": statistics.median(seconds[f"segment {k}"]) / total,
+             "ms": 1000 * statistics.median(seconds[f"segment {k}"])} for k, names in enumerate(pieces)]
+
+
+def channels_last_row(plain: torch.nn.Module, gated: timm_dgate.GatedModel, images: torch.Tensor, batch: int,
+                      repeats: int) -> dict[str, float]:
+    """Plain and gated eager at ``batch``, in the default layout and in channels_last, interleaved."""
+    plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    gated_cl = copy.deepcopy(gated).to(memory_format=torch.channels_last)
+    batches = list(images.split(batch))
+    cl_batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    seconds = interleaved({"plain": (plain, batches), "gated": (gated, batches),
+                           "plain CL": (plain_cl, cl_batches), "gated CL": (gated_cl, cl_batches)}, repeats)
+    return {
+        "plain CL / plain": paired_ratio(seconds["plain"], seconds["plain CL"]),
+        "gated CL / gated": paired_ratio(seconds["gated"], seconds["gated CL"]),
+        "speed-up": paired_ratio(seconds["plain"], seconds["gated"]),
+        "speed-up CL": paired_ratio(seconds["plain CL"], seconds["gated CL"]),
+    }
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
+    input_size = (args.in_chans, args.input_size, args.input_size)
+    plain, gated = build(name, input_size)
+    images = torch.randn(args.images, *input_size, generator=torch.Generator().manual_seed(1))
+    gated.set_thresholds(half_exit_thresholds(gated, images))
     plain_compiled = torch.compile(copy.deepcopy(plain), dynamic=True)
     gated_compiled = copy.deepcopy(gated)
     segments = gated_compiled.compile()
     probe = images[: max(args.batch_sizes)]
     compile_s = {"plain compiled": first_call_seconds(plain_compiled, probe),
                  "gated compiled": first_call_seconds(gated_compiled, probe), "segments": len(segments)}
-    runs = {"plain eager": plain, "plain compiled": plain_compiled, "gated eager": gated,
-            "gated compiled": gated_compiled}
-    rows = []
-    for batch in args.batch_sizes:
-        batches = list(images.split(batch))
-        for run in runs.values():  # every compiled shape bucket warm before timing
-            first_call_seconds(run, batches[0])
-        seconds = interleaved({name: (run, batches) for name, run in runs.items()}, args.repeats)
-        rows.append({
-            "batch": batch,
-            **{f"{name} img/s": len(images) / statistics.median(s) for name, s in seconds.items()},
-            "eager speed-up": paired_ratio(seconds["plain eager"], seconds["gated eager"]),
-            "compiled speed-up": paired_ratio(seconds["plain compiled"], seconds["gated compiled"]),
-            "ideal": ideal,
-        })
-        print(rows[-1], flush=True)
-    return rows, compile_s, gated
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        plain_ort = plain_onnx(plain, images[:2], Path(tmp))
+        timm_dgate.export(gated, Path(tmp) / "gated")
+        compile_s["export"] = time.perf_counter() - start
+        runs = {"plain eager": plain, "plain compiled": plain_compiled, "plain ONNX": plain_ort,
+                "gated eager": gated, "gated compiled": gated_compiled,
+                "gated ONNX": OnnxGatedModel(Path(tmp) / "gated")}
+        rows = []
+        for batch in args.batch_sizes:
+            timed = images[: args.batch1_images] if batch == 1 else images
+            batches = list(timed.split(batch))
+            for run in runs.values():  # every compiled shape bucket warm before timing
+                first_call_seconds(run, batches[0])
+            seconds = interleaved({n: (run, batches) for n, run in runs.items()}, args.repeats)
+            row = {"batch": batch, "ideal": ideal_speedup(gated, timed),
+                   **{f"{n} img/s": len(timed) / statistics.median(s) for n, s in seconds.items()}}
+            for mode in ("eager", "compiled", "ONNX"):
+                row[f"{mode} speed-up"] = paired_ratio(seconds[f"plain {mode}"], seconds[f"gated {mode}"])
+            rows.append(row)
+            print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    largest = max(args.batch_sizes)
+    big = images[:largest]
+    result = {"model": name, "gated": gated, "rows": rows, "compile_s": compile_s,
+              "segments": segment_rows(gated, big, args.repeats),
+              "channels_last": channels_last_row(plain, gated, images, largest, args.repeats)}
+    print(name, result["segments"], result["channels_last"], compile_s, flush=True)
+    return result
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, float]], compile_s: dict[str, float],
-           gated: timm_dgate.GatedModel, env: str) -> str:
+def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
+    """``gated.compile()`` against ``torch.compile(gated)``: graphs and seconds over batches of changing sizes.
+
+    A first pass of 12 batch sizes, then 12 new sizes with other thresholds (new exit patterns):
+    graphs compiled in each, graph breaks, the seconds of each pass (compiling included), and a
+    warm pass over the first sizes again.
+    """
+    first_sizes = [1, 16, 37, 64, 5, 128, 200, 9, 256, 77, 3, 150]
+    new_sizes = [2, 23, 50, 99, 7, 180, 31, 240, 11, 60, 130, 4]
+    input_size = (args.in_chans, args.input_size, args.input_size)
+    _, gated = build("test_resnet", input_size)
+    images = torch.randn(256, *input_size, generator=torch.Generator().manual_seed(1))
+    half = half_exit_thresholds(gated, images)
+    other = (half[0], half[0], math.inf)  # exits at gates 0 and 1: other patterns than the first pass
+    out = []
+    for label in ("gated.compile()", "torch.compile(gated)"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = copy.deepcopy(gated)
+        model.set_thresholds(half)
+        run = model
+        if label == "gated.compile()":
+            model.compile(backend=args.paths_backend)
+        else:
+            run = torch.compile(model, backend=args.paths_backend)
+        row = {"path": label}
+        for name, sizes, thresholds in (("first", first_sizes, half), ("new", new_sizes, other)):
+            model.set_thresholds(thresholds)
+            before = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            for n in sizes:
+                first_call_seconds(run, images[:n])
+            row[f"{name} pass s"] = time.perf_counter() - start
+            row[f"{name} graphs"] = counters["stats"]["unique_graphs"] - before
+        model.set_thresholds(half)
+        row["warm pass s"] = statistics.median(
+            sum(first_call_seconds(run, images[:n]) for n in first_sizes) for _ in range(args.repeats))
+        row["graph breaks"] = sum(counters["graph_break"].values())
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def model_section(r: dict[str, object], args: argparse.Namespace) -> list[str]:
+    gated, rows, compile_s = r["gated"], r["rows"], r["compile_s"]
     lines = [
-        "# Deployment benchmark: early exit under torch.compile",
+        f"## {r['model']}",
         "",
-        f"timm `{args.model}`, random weights, input {args.in_chans}x{args.input_size}x{args.input_size}, gates "
-        f"{', '.join(f'`{b.name}`' for b in gated.boundaries)}; half of the {args.images} images leave at gate 0 "
-        f"(FLOPs ideal speed-up {rows[0]['ideal']:.2f}x). {args.repeats} repeats, variants interleaved, "
-        "`torch.inference_mode()`. Compiled: inductor, `dynamic=True`. Speed-ups are medians of per-repeat ratios "
-        "against the plain model in the same mode; *fraction* is speed-up / FLOPs ideal.",
+        f"Gates {', '.join(f'`{b.name}`' for b in gated.boundaries)}; half of the images leave at gate 0 (FLOPs "
+        f"ideal speed-up {rows[-1]['ideal']:.2f}x). First call (compile) seconds at batch {max(args.batch_sizes)}: "
+        f"plain {compile_s['plain compiled']:.1f}, gated {compile_s['gated compiled']:.1f} "
+        f"({compile_s['segments']} segments); ONNX export of both {compile_s['export']:.1f} s.",
         "",
-        f"First call (compile) seconds: plain {compile_s['plain compiled']:.1f}, "
-        f"gated {compile_s['gated compiled']:.1f} ({compile_s['segments']} segments); inductor's kernel cache "
-        "(`/tmp/torchinductor_*`) was warm from an earlier run, a cold first compile takes minutes on 2 cores.",
-        "",
-        "| batch | plain eager img/s | plain compiled img/s | gated eager img/s | gated compiled img/s "
-        "| eager speed-up (fraction) | compiled speed-up (fraction) |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | plain eager | plain compiled | plain ONNX | gated eager | gated compiled | gated ONNX "
+        "| ideal | eager speed-up (fraction) | compiled speed-up (fraction) | ONNX speed-up (fraction) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['batch']} | {r['plain eager img/s']:.0f} | {r['plain compiled img/s']:.0f} | "
-            f"{r['gated eager img/s']:.0f} | {r['gated compiled img/s']:.0f} | "
-            f"{r['eager speed-up']:.2f}x ({r['eager speed-up'] / r['ideal']:.2f}) | "
-            f"{r['compiled speed-up']:.2f}x ({r['compiled speed-up'] / r['ideal']:.2f}) |"
-        )
-    lines += ["", f"Machine: {env}. Date: {datetime.date.today()}. Command: "
+    for row in rows:
+        speedups = " | ".join(f"{row[f'{m} speed-up']:.2f}x ({row[f'{m} speed-up'] / row['ideal']:.2f})"
+                              for m in ("eager", "compiled", "ONNX"))
+        rates = " | ".join(f"{row[f'{v} img/s']:.0f}" for v in ("plain eager", "plain compiled", "plain ONNX",
+                                                                   "gated eager", "gated compiled", "gated ONNX"))
+        lines.append(f"| {row['batch']} | {rates} | {row['ideal']:.2f}x | {speedups} |")
+    lines += ["", f"Where the time goes at batch {max(args.batch_sizes)} (eager, every sample through every segment):",
+              "", "| segment | modules | share of FLOPs | share of time | ms |", "|---|---|---|---|---|"]
+    for s in r["segments"]:
+        lines.append(f"| {s['segment']} | `{s['modules']}` | {s['flops share']:.0%} | {s['time share']:.0%} "
+                     f"| {s['ms']:.1f} |")
+    cl = r["channels_last"]
+    lines += ["", f"channels_last at batch {max(args.batch_sizes)} (eager): plain {cl['plain CL / plain']:.2f}x "
+              f"and gated {cl['gated CL / gated']:.2f}x the speed of the default layout; gated speed-up "
+              f"{cl['speed-up']:.2f}x in the default layout, {cl['speed-up CL']:.2f}x in channels_last.", ""]
+    return lines
+
+
+def report(args: argparse.Namespace, results: list[dict[str, object]], paths: list[dict[str, float]],
+           env: str) -> str:
+    largest = max(args.batch_sizes)
+    lines = [
+        "# Deployment benchmark: early exit compiled and exported",
+        "",
+        f"Random weights (the executor's speed depends on where samples exit, not on what the weights learned), "
+        f"10 classes, input {args.in_chans}x{args.input_size}x{args.input_size}; gate 0's threshold at the median "
+        f"of its scores on the {args.images} benchmark images (`benchmarks/common.py` `half_exit_thresholds`), "
+        f"the other gates closed. Images/s; {args.repeats} repeats, the six variants interleaved on the same "
+        f"batches (`timm_dgate.timing`), `torch.inference_mode()`; at batch 1 the first {args.batch1_images} images. "
+        "Compiled: inductor, `dynamic=True` (plain: `torch.compile(model)`; gated: `gated.compile()`). ONNX: "
+        "onnxruntime on the CPU, default session options (plain: the whole model as one file; gated: "
+        "`timm_dgate.export` + `runtime.OnnxGatedModel`). Speed-ups are medians of per-repeat ratios against the "
+        "plain model in the same mode; *fraction* is speed-up / FLOPs ideal.",
+        "",
+        "The machine is shared with a training job: absolute images/s move between runs, so only the ratios "
+        "measured interleaved in one run mean something.",
+        "",
+        f"Goals (issue 14), at batch {largest}: gated compiled reaches {GOAL_COMPILED} of the FLOPs ideal against "
+        f"plain compiled; gated ONNX reaches {GOAL_ONNX} of it against plain ONNX.",
+        "",
+        "| model | ideal | compiled fraction | goal met | ONNX fraction | goal met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        row = r["rows"][-1]
+        fc, fo = row["compiled speed-up"] / row["ideal"], row["ONNX speed-up"] / row["ideal"]
+        lines.append(f"| {r['model']} | {row['ideal']:.2f}x | {fc:.2f} | {'yes' if fc >= GOAL_COMPILED else '**no**'} "
+                     f"| {fo:.2f} | {'yes' if fo >= GOAL_ONNX else '**no**'} |")
+    lines.append("")
+    for r in results:
+        lines += model_section(r, args)
+    if paths:
+        lines += ["## gated.compile() against torch.compile(gated)", "",
+                  f"timm `test_resnet` (random), half leave at gate 0; 12 batches of sizes 1 to 256, backend "
+                  f"`{args.paths_backend}`: "
+                  "graphs compiled and seconds of that pass (compiling included), then 12 new sizes with samples "
+                  "leaving at gates 0 and 1 (new exit patterns), then a warm pass over the first sizes.", "",
+                  "| path | graphs, first pass | graphs, new sizes and exits | graph breaks | first pass s "
+                  "| new pass s | warm pass s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{p['path']}` | {p['first graphs']} | {p['new graphs']} | {p['graph breaks']} "
+                  f"| {p['first pass s']:.1f} | {p['new pass s']:.1f} | {p['warm pass s']:.2f} |" for p in paths]
+        lines.append("")
+    lines += [f"Machine: {env}. Date: {datetime.date.today()}. Command: "
               f"`{shlex.join([Path(sys.executable).name, *sys.argv])}`. GPU numbers: not measured yet.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_atto"])
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--images", type=int, default=512, help="images per timed pass")
+    parser.add_argument("--batch1-images", type=int, default=64, help="images per timed pass at batch 1")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-paths", action="store_true", help="also gated.compile() vs torch.compile(gated)")
+    parser.add_argument("--paths-backend", default="inductor", help="torch.compile backend for --compile-paths")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args(argv)
-    rows, compile_s, gated = measure(args)
-    text = report(args, rows, compile_s, gated, machine())
+    env = machine()
+    results: list[dict[str, object]] = []
+    paths = compile_paths(args) if args.compile_paths else []
+    for name in args.models:  # the document is rewritten after each model, so a cut-short run keeps what it measured
+        results.append(measure(name, args))
+        text = report(args, results, paths, env)
+        if args.output:
+            args.output.write_text(text)
     print(text)
-    if args.output:
-        args.output.write_text(text)
 
 
 if __name__ == "__main__":

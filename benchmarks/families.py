@@ -31,6 +31,7 @@ import torch
 
 import timm_dgate
 from timm_dgate.probe import default_input_size
+from timm_dgate.segments import compile_problem
 
 SMALL_WORDS = {
     "atto": 0, "femto": 1, "pico": 2, "nano": 3, "xxs": 4, "xx": 4, "xxtiny": 4, "xtiny": 5,
@@ -151,6 +152,7 @@ def sweep_one(module: str, name: str | None) -> dict[str, object]:
     try:
         gated = timm_dgate.wrap(model, input_size=input_size)
         row |= {"status": "ok", "gates": [f"{b.name} ({b.layout})" for b in gated.boundaries]}
+        row["compiles"] = compile_problem(gated) or "yes"
     except timm_dgate.UnsupportedModelError as error:
         row |= {"status": "refused", "reason": error.reason, "boundary": error.boundary}
     return row | {"seconds": round(time.perf_counter() - start, 1)}
@@ -200,8 +202,8 @@ def _cell(text: object) -> str:
 def table(rows: list[dict[str, object]]) -> list[str]:
     """The per-family markdown table: a refused family lists the boundaries that would still work."""
     lines = [
-        "| family | model | input | params (M) | boundaries ok/total | default gates | result |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model | input | params (M) | boundaries ok/total | default gates | result | compiles |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "ok":
@@ -217,7 +219,7 @@ def table(rows: list[dict[str, object]]) -> list[str]:
         gates = ", ".join(f"`{g}`" for g in r.get("gates", [])) or "-"
         lines.append(
             f"| {r['family']} | {r.get('model') or '-'} | {r.get('input', '-')} | {r.get('params_m', '-')} "
-            f"| {ok_total} | {gates} | {_cell(result)[:600]} |"
+            f"| {ok_total} | {gates} | {_cell(result)[:600]} | {_cell(r.get('compiles', '-'))} |"
         )
     return lines
 

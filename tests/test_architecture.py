@@ -95,15 +95,24 @@ def test_library_modules_do_not_import_the_package_init():
     assert importers <= {"timm_dgate.demo.pipeline"}
 
 
-def test_the_hub_module_never_imports_the_model_module():
-    graph = import_graph()
-    seen, todo = set(), ["timm_dgate.hub"]
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
             todo.extend(graph[module])
-    assert "timm_dgate.model" not in seen
+    return seen
+
+
+def test_the_hub_module_never_imports_the_model_module():
+    assert "timm_dgate.model" not in reachable(import_graph(), "timm_dgate.hub")
+
+
+def test_the_runtime_never_imports_the_model_module():
+    """The deployable side runs exported files with torch (and onnxruntime) alone, not the gated model's code."""
+    seen = reachable(import_graph(), "timm_dgate.runtime")
+    assert "timm_dgate.engine" in seen and not seen & {"timm_dgate.model", "timm_dgate.exporting", "timm_dgate.hub"}
 
 
 def test_public_names_are_not_shadowed_by_submodules():

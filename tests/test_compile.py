@@ -16,6 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import timm_dgate
+import timm_dgate.segments
 
 from .helpers import SIZE
 
@@ -74,3 +75,24 @@ def test_compile_twice_or_after_unwrap_is_refused():
     gated.unwrap()
     with pytest.raises(RuntimeError, match="unwrapped"):
         gated.compile(backend="eager")
+
+
+class _HostReadingHead(torch.nn.Module):
+    """A head that reads a value to the host mid-forward: dynamo must break its graph there."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) * (1.0 if x.sum().item() > -1e30 else 0.0)
+
+
+def test_compile_problem_passes_channels_last_convnext_and_names_a_graph_break():
+    """ConvNeXt's stages hand on channels_last tensors: exits must keep that layout or every exit recompiles."""
+    convnext = timm.create_model("test_convnext", in_chans=1, num_classes=10).eval()
+    assert timm_dgate.segments.compile_problem(timm_dgate.wrap(convnext, input_size=(1, SIZE, SIZE))) is None
+    resnet = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    resnet.fc = _HostReadingHead(resnet.fc)
+    problem = timm_dgate.segments.compile_problem(timm_dgate.wrap(resnet, input_size=(1, SIZE, SIZE)))
+    assert problem is not None and "graph breaks" in problem

@@ -9,8 +9,9 @@ from .calibration import ExitTable, calibrate, tradeoff_curve
 from .config import DGateConfig
 from .discovery import Boundary, family_of, register_family
 from .engine import ExitResult
-from .errors import CalibrationError, ChanceAccuracyError, HubFormatError, UnsupportedModelError
+from .errors import CalibrationError, ChanceAccuracyError, ExportError, HubFormatError, UnsupportedModelError
 from .evaluation import EvalReport, evaluate
+from .exporting import export
 from .flops import GateCosts
 from .gates import DecisionGate
 from .model import GatedModel, from_pretrained, stages, wrap
@@ -27,6 +28,7 @@ __all__ = [
     "EvalReport",
     "ExitResult",
     "ExitTable",
+    "ExportError",
     "FeatureCache",
     "FitReport",
     "GateCosts",
@@ -38,6 +40,7 @@ __all__ = [
     "cache_features",
     "calibrate",
     "evaluate",
+    "export",
     "family_of",
     "fit",
     "from_pretrained",

@@ -2,9 +2,10 @@
 
 A hook on each gated module sees the stage's output, lets a ``decide`` function pick the
 samples that leave, records them, and hands the rest of timm's own forward a smaller
-batch. When no sample is left it raises :class:`_AllExited`, so the later stages never
+batch. When no sample is left it raises :class:`AllExited`, so the later stages never
 run. There is no Python loop over samples and one host synchronisation per open gate (to
-learn how many samples stay).
+learn how many samples stay). :class:`ExitRun` is the bookkeeping of one such forward, shared
+with ``timm_dgate.runtime``, which drives exported segments instead of hooks.
 
 The state of a running forward belongs to that call: it sits in a context variable (one per
 thread, and per asyncio task), and a hook acts only for the engine whose forward is running
@@ -15,6 +16,7 @@ what they would see alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,8 +31,8 @@ Decide = Callable[[int, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None
 Collect = Callable[[int, torch.Tensor], object]
 
 
-class _AllExited(Exception):
-    """Raised inside timm's forward when every sample has exited; caught by the engine."""
+class AllExited(Exception):
+    """Raised at a boundary when every sample has exited: the later stages must not run."""
 
 
 @dataclass(frozen=True)
@@ -41,30 +43,74 @@ class ExitResult:
     exits: torch.Tensor
 
 
-class _ExitRun:
-    """State of one early-exit forward: which of the original samples are still in the batch."""
+def threshold_decide(
+    gates: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    thresholds: Sequence[float],
+    score: Callable[[torch.Tensor], torch.Tensor],
+) -> Decide:
+    """The exit rule: at gate k a sample leaves when ``score(margins) >= thresholds[k]``; ``inf`` skips the gate."""
 
-    def __init__(self, batch: int, device: torch.device, decide: Decide):
+    def decide(k: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if thresholds[k] == math.inf:
+            return None
+        margins = gates[k](output)
+        return margins, score(margins) >= thresholds[k]
+
+    return decide
+
+
+class ExitRun:
+    """State of one early-exit forward: which of the original samples are still in the batch.
+
+    The engine's hooks call :meth:`boundary`, which asks ``decide``; ``timm_dgate.runtime``, whose
+    exported segments give the gate's margins themselves, calls :meth:`leave` directly.
+    """
+
+    def __init__(self, batch: int, device: torch.device, decide: Decide | None = None):
+        self.batch = batch
         self.alive = torch.arange(batch, device=device)
         self.exited: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self.decide = decide
 
     def boundary(self, k: int, output: torch.Tensor) -> torch.Tensor | None:
+        """What goes on from gate ``k``: ``None`` (everyone), the staying rows, or :class:`AllExited`."""
         decision = self.decide(k, output)
-        if decision is None:
-            return None
-        margins, leave = decision
+        return None if decision is None else self.leave(k, output, *decision)
+
+    def leave(self, k: int, output: torch.Tensor, margins: torch.Tensor, leave: torch.Tensor) -> torch.Tensor | None:
+        """Samples with ``leave`` exit at gate ``k`` with ``margins`` as logits; the staying rows of ``output``."""
         n_stay = leave.numel() - int(leave.sum())  # the one host sync at this gate
         if n_stay == leave.numel():
             return None
         if n_stay == 0:  # everyone leaves (always so at batch 1): nothing to reorder
             self.exited.append((self.alive, margins, k))
-            raise _AllExited
+            raise AllExited
         order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying samples first
         stay, go = order[:n_stay], order[n_stay:]
         self.exited.append((self.alive[go], margins[go], k))
         self.alive = self.alive[stay]
-        return output.index_select(0, stay)
+        return output[stay]  # unlike index_select, keeps the layout: channels_last stays channels_last
+
+    def finish(self, head: torch.Tensor | None, head_index: int) -> ExitResult:
+        """Logits in input order from every exit and the head's rows (``None``: nobody reached it)."""
+        pieces = list(self.exited)
+        if head is not None:
+            if not isinstance(head, torch.Tensor):
+                raise TypeError(f"timm_dgate: the model returned {type(head).__name__}, not logits")
+            pieces.append((self.alive, head, head_index))
+        device = self.alive.device
+        if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
+            _, values, k = pieces[0]
+            return ExitResult(values, torch.full((self.batch,), k, dtype=torch.long, device=device))
+        dtype = pieces[-1][1].dtype
+        for _, values, _ in pieces:
+            dtype = torch.promote_types(dtype, values.dtype)
+        logits = torch.empty((self.batch, pieces[-1][1].shape[1]), dtype=dtype, device=device)
+        exits = torch.empty(self.batch, dtype=torch.long, device=device)
+        for index, values, k in pieces:
+            logits[index] = values.to(dtype)
+            exits[index] = k
+        return ExitResult(logits, exits)
 
 
 class _CollectRun:
@@ -79,7 +125,7 @@ class _CollectRun:
 
 
 # engine id -> the run of that engine's forward in progress in this context (thread / task)
-_RUNS: ContextVar[Mapping[int, _ExitRun | _CollectRun]] = ContextVar(
+_RUNS: ContextVar[Mapping[int, ExitRun | _CollectRun]] = ContextVar(
     "timm_dgate_runs", default=MappingProxyType({})
 )
 
@@ -106,40 +152,22 @@ class ExitEngine:
             return None
         return run.boundary(k, output)
 
-    def _forward(self, run: _ExitRun | _CollectRun, x: torch.Tensor) -> torch.Tensor | None:
+    def _forward(self, run: ExitRun | _CollectRun, x: torch.Tensor) -> torch.Tensor | None:
         runs = _RUNS.get()
         if id(self) in runs:
             raise RuntimeError("timm_dgate: the backbone called its own gated model from inside its forward")
         token = _RUNS.set({**runs, id(self): run})
         try:
             return self.model(x)
-        except _AllExited:
+        except AllExited:
             return None
         finally:
             _RUNS.reset(token)
 
     def exit_forward(self, x: torch.Tensor, decide: Decide) -> ExitResult:
         """Forward with early exits; rows come from the gate each sample left at, or the head."""
-        batch = x.shape[0]
-        run = _ExitRun(batch, x.device, decide)
-        head = self._forward(run, x)
-        pieces = list(run.exited)
-        if head is not None:
-            if not isinstance(head, torch.Tensor):
-                raise TypeError(f"timm_dgate: the model returned {type(head).__name__}, not logits")
-            pieces.append((run.alive, head, len(self.modules)))
-        if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
-            _, values, k = pieces[0]
-            return ExitResult(values, torch.full((batch,), k, dtype=torch.long, device=x.device))
-        dtype = pieces[-1][1].dtype
-        for _, values, _ in pieces:
-            dtype = torch.promote_types(dtype, values.dtype)
-        logits = torch.empty((batch, pieces[-1][1].shape[1]), dtype=dtype, device=x.device)
-        exits = torch.empty(batch, dtype=torch.long, device=x.device)
-        for index, values, k in pieces:
-            logits[index] = values.to(dtype)
-            exits[index] = k
-        return ExitResult(logits, exits)
+        run = ExitRun(x.shape[0], x.device, decide)
+        return run.finish(self._forward(run, x), len(self.modules))
 
     def collect(self, x: torch.Tensor, fn: Collect) -> tuple[list[list[object]], torch.Tensor]:
         """One full forward: ``fn(k, output)`` at every module (in call order) and the logits."""

@@ -37,3 +37,8 @@ class ChanceAccuracyError(ValueError):
 
 class UntrainedHeadWarning(UserWarning):
     """The model's classifier looks freshly initialised: gates fitted to it would learn a random head."""
+
+
+class ExportError(ValueError):
+    """A gated model cannot be exported as asked (its forward is not a chain of its segments, train mode, a
+    compiled model, an exported file that disagrees with eager); the message says why and what works instead."""

@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from . import hub
 from .calibration import calibrate
 from .config import DGateConfig
 from .discovery import Boundary, candidate_boundaries, model_name, select_boundaries
-from .engine import ExitEngine, ExitResult
+from .engine import ExitEngine, ExitResult, threshold_decide
 from .errors import HubFormatError, UnsupportedModelError, UntrainedHeadWarning
 from .flops import GateCosts, measure_costs
 from .gates import DecisionGate
@@ -186,13 +187,6 @@ class GatedModel(nn.Module):
 
     # ---- running ----------------------------------------------------------------------
 
-    def _decide(self, k: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        threshold = self.thresholds[k]
-        if threshold == math.inf:
-            return None
-        margins = self.gates[k](output)
-        return margins, exit_score(margins, self.exit_score) >= threshold
-
     def forward(self, x: torch.Tensor, return_exits: bool = False) -> torch.Tensor | ExitResult:
         """Logits with early exits; with ``return_exits`` also each sample's exit (``num_gates`` = head).
 
@@ -206,7 +200,8 @@ class GatedModel(nn.Module):
             logits = self.base_model(x)
             return ExitResult(logits, torch.full((len(logits),), self.num_gates, dtype=torch.long, device=x.device))
         _refuse_tracing()
-        result = self._engine.exit_forward(x, self._decide)
+        decide = threshold_decide(self.gates, self.thresholds, partial(exit_score, kind=self.exit_score))
+        result = self._engine.exit_forward(x, decide)
         return result if return_exits else result.logits
 
     def forward_pooled(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -231,6 +226,11 @@ class GatedModel(nn.Module):
         if self._segments:
             raise RuntimeError(f"timm_dgate: this gated model is already compiled ({len(self._segments)} segments)")
         self._segments = compile_segments(self.base_model, [b.module for b in self.boundaries], **compile_kwargs)
+        return list(self._segments)
+
+    @property
+    def compiled_segments(self) -> list[str]:
+        """The module names ``compile()`` compiled (empty before it)."""
         return list(self._segments)
 
     def __prepare_scriptable__(self) -> nn.Module:
