@@ -104,10 +104,7 @@ class DGateConfig:
                 "hub_id": self.base_model,
                 "model_args": json.loads(json.dumps(self.model_args)),
             },
-            "gates": [
-                {"name": b.name, "module": b.module, "num_chs": b.num_chs, "reduction": b.reduction, "layout": b.layout}
-                for b in self.boundaries
-            ],
+            "gates": [_gate_dict(b) for b in self.boundaries],
             "pool": self.pool,
             "gate_loss": self.gate_loss,
             "exit_score": self.exit_score,
@@ -146,7 +143,9 @@ class DGateConfig:
                 num_classes=data["num_classes"],
                 input_size=tuple(data["input_size"]),
                 boundaries=tuple(
-                    Boundary(g["name"], g["module"], int(g["num_chs"]), int(g.get("reduction", 0)), g["layout"])
+                    Boundary(g["name"], g["module"], int(g["num_chs"]), int(g.get("reduction", 0)), g["layout"],
+                             part=None if g.get("part") is None else int(g["part"]),
+                             realign=bool(g.get("realign", False)))
                     for g in gates
                 ),
                 pool=data["pool"],
@@ -172,6 +171,16 @@ class DGateConfig:
         """Read ``dgate_config.json`` from a local folder (Hub repos: :meth:`GatedModel.from_pretrained`)."""
         path = Path(folder) / CONFIG_NAME
         return cls.from_dict(read_json(path, "the gated model's config"), str(path))
+
+
+def _gate_dict(b: Boundary) -> dict[str, Any]:
+    """One gate's entry; ``part`` and ``realign`` only where set, so plain boundaries read as before."""
+    entry = {"name": b.name, "module": b.module, "num_chs": b.num_chs, "reduction": b.reduction, "layout": b.layout}
+    if b.part is not None:
+        entry["part"] = b.part
+    if b.realign:
+        entry["realign"] = True
+    return entry
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -25,9 +25,12 @@ class Boundary:
     """One place a gate can sit: the end of a stage (or block) of the backbone.
 
     ``layout`` is the feature layout the module emits (``NCHW``, ``NHWC``, tokens ``NLC``)
-    and is filled in by the probe; ``default`` marks the default gate placement; ``problem``
-    says why the boundary is refused (``feature_info`` names no real module, or the probe
-    failed); :func:`timm_dgate.stages` lists such boundaries, :func:`timm_dgate.wrap` raises.
+    and is filled in by the probe; ``part`` is the element a gate reads when the module
+    outputs a tuple or list (None: one tensor); ``realign`` says that a later layer takes a
+    tensor from before the boundary, so the engine cuts that too. ``default`` marks the
+    default gate placement; ``problem`` says why the boundary is refused (no module for it,
+    or the probe failed); :func:`timm_dgate.stages` lists such boundaries,
+    :func:`timm_dgate.wrap` raises. ``gflops`` is the backbone's cost up to it, where listed.
     """
 
     name: str
@@ -37,6 +40,9 @@ class Boundary:
     layout: str | None = None
     default: bool = False
     problem: str | None = None
+    part: int | None = None
+    realign: bool = False
+    gflops: float | None = None
 
 
 BoundaryFn = Callable[[nn.Module], list[Boundary]]
@@ -81,14 +87,23 @@ def model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+MISSING = "feature_info names a module that does not exist in the model"
+
+
 def resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    """Find the module a gate hooks; a container that is never called itself resolves to its last child."""
+    """Find the module a gate hooks; a container that is never called itself resolves to its last child.
+
+    A name that is not a module path is looked up as the unique path ending in it
+    (``blocks.3`` for ``encoder.blocks.3``); the probe then matches what is still missing by
+    output shape (``timm_dgate.locate``).
+    """
     try:
         module = model.get_submodule(name) if name else model
     except AttributeError:
-        raise UnsupportedModelError(
-            model_name(model), "feature_info names a module that does not exist in the model", name
-        ) from None
+        ends = [n for n, _ in model.named_modules() if n.endswith(f".{name}")]
+        if len(ends) != 1:
+            raise UnsupportedModelError(model_name(model), MISSING, name) from None
+        name, module = ends[0], model.get_submodule(ends[0])
     if not name:
         raise UnsupportedModelError(model_name(model), "feature_info names the whole model", name)
     while isinstance(module, nn.ModuleList) and len(module):
@@ -103,8 +118,11 @@ def feature_boundaries(model: nn.Module) -> list[Boundary]:
     if not info:
         raise UnsupportedModelError(model_name(model), "it has no feature_info listing its stages")
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    boundaries = []
+    boundaries, named = [], set()
     for entry in entries:
+        if entry["module"] in named:  # one entry per branch of the same module (crossvit): the first one's
+            continue
+        named.add(entry["module"])
         module, problem = entry["module"], None
         try:
             module, _ = resolve_module(model, module)

@@ -78,16 +78,23 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure_costs(
-    model: nn.Module, modules: Sequence[str], gates: Sequence[nn.Module], input_size: Sequence[int]
+    model: nn.Module,
+    modules: Sequence[str],
+    gates: Sequence[nn.Module],
+    input_size: Sequence[int],
+    parts: Sequence[int | None] | None = None,
 ) -> GateCosts:
-    """Count the backbone up to each of ``modules`` (one pass) and each gate on that module's output."""
+    """Count the backbone up to each of ``modules`` (one pass) and each gate on that module's output
+    (the element ``parts[k]`` of a tuple or list output)."""
+    parts = list(parts) if parts is not None else [None] * len(modules)
     param = next(model.parameters())
     x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
     snapshots: dict[int, tuple[float, torch.Tensor]] = {}
     counter = FlopCounterMode(display=False)
 
-    def snapshot(k: int, module: nn.Module, args: object, output: torch.Tensor) -> None:
-        snapshots.setdefault(k, (float(counter.get_total_flops()), output))
+    def snapshot(k: int, module: nn.Module, args: object, output: object) -> None:
+        feature = output if parts[k] is None else output[parts[k]]  # type: ignore[index]
+        snapshots.setdefault(k, (float(counter.get_total_flops()), feature))
 
     handles = [
         model.get_submodule(name).register_forward_hook(

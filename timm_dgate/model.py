@@ -67,7 +67,7 @@ class GatedModel(nn.Module):
         self._costs: GateCosts | None = None
         self._segments: list[str] = []  # compiled by compile()
         self.seen_images = SeenImages()  # what fit and evaluate read, so calibrate can refuse it (in memory only)
-        self._engine = ExitEngine(model, [b.module for b in config.boundaries])
+        self._engine = engine_for(model, config.boundaries)
         self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
 
     # ---- settings (read from the config) ----------------------------------------------------
@@ -281,7 +281,8 @@ class GatedModel(nn.Module):
         if self._costs is None:
             self._check_attached()
             self._costs = measure_costs(
-                self.base_model, [b.module for b in self.boundaries], self.gates, self.input_size
+                self.base_model, [b.module for b in self.boundaries], self.gates, self.input_size,
+                [b.part for b in self.boundaries],
             )
         return self._costs
 
@@ -444,6 +445,13 @@ def _refuse_tracing() -> None:
         raise RuntimeError(_TRACING_MESSAGE.format(how="torch.jit.trace / torch.onnx.export"))
     if torch.compiler.is_exporting():
         raise RuntimeError(_TRACING_MESSAGE.format(how="torch.export / torch.onnx.export"))
+
+
+def engine_for(model: nn.Module, boundaries: Sequence[Boundary]) -> ExitEngine:
+    """The exit engine for gates at ``boundaries``; every module's input is hooked only where one needs realigning."""
+    return ExitEngine(
+        model, [b.module for b in boundaries], [b.part for b in boundaries], realign=any(b.realign for b in boundaries)
+    )
 
 
 def require_classifier(model: nn.Module) -> int:

@@ -1,0 +1,92 @@
+"""Find the module behind a ``feature_info`` entry that names none, by the shape it reports.
+
+Some families list names that only their feature extraction uses (``block.0`` where the
+classifier has ``blocks.0.1``, ``stage1`` where it has ``layer1``). Each entry still says
+what the feature looks like: ``num_chs`` channels at ``reduction`` of the input. One recorded
+forward gives every module's output in the order they finish; the entry's module is the
+last one emitting that shape before the first module that emits the next entry's shape (a
+later stage started) and before the next entry that does name a module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .discovery import MISSING, Boundary
+
+_MAX_PREFIX_TOKENS = 16  # class, distillation and register tokens before the patch tokens
+
+
+def record_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, object]]:
+    """Every named module's output of one forward of ``x``, in the order the modules finish."""
+    seen: list[tuple[str, object]] = []
+    handles = [
+        module.register_forward_hook(lambda m, a, out, name=name: seen.append((name, out)))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def shape_matches(output: object, batch: int, num_chs: int, reduction: int, input_size: Sequence[int]) -> bool:
+    """Whether ``output`` (or a tensor in it) is ``num_chs`` features at ``reduction``, in any layout."""
+    if isinstance(output, (tuple, list)):
+        return any(shape_matches(o, batch, num_chs, reduction, input_size) for o in output)
+    if not isinstance(output, torch.Tensor) or output.ndim < 3 or output.shape[0] != batch:
+        return False
+    sides = [{s // reduction, math.ceil(s / reduction)} for s in input_size[1:]]
+    shape = tuple(output.shape[1:])
+    if len(shape) == 3:
+        return (shape[0] == num_chs and shape[1] in sides[0] and shape[2] in sides[1]) or (
+            shape[2] == num_chs and shape[0] in sides[0] and shape[1] in sides[1]
+        )
+    tokens = {h * w for h in sides[0] for w in sides[1]}
+    return shape[1] == num_chs and any(0 <= shape[0] - t <= _MAX_PREFIX_TOKENS for t in tokens)
+
+
+def locate_missing(
+    model: nn.Module, boundaries: Sequence[Boundary], x: torch.Tensor, input_size: Sequence[int]
+) -> list[Boundary]:
+    """``boundaries`` with each one whose module does not exist replaced by the module emitting its shape."""
+    if not any(b.problem == MISSING for b in boundaries):
+        return list(boundaries)
+    seen = record_outputs(model, x)
+    first_call = {}
+    for index, (name, _) in enumerate(seen):
+        first_call.setdefault(name, index)
+    batch = x.shape[0]
+
+    def fits(index: int, b: Boundary) -> bool:
+        return shape_matches(seen[index][1], batch, b.num_chs, b.reduction, input_size)
+
+    located, start = [], -1
+    for i, b in enumerate(boundaries):
+        if b.problem != MISSING:
+            located.append(b)
+            start = first_call.get(b.module, start)
+            continue
+        end = next((first_call[n.module] for n in boundaries[i + 1 :] if not n.problem and n.module in first_call),
+                   len(seen))
+        later = [n for n in boundaries[i + 1 :] if (n.num_chs, n.reduction) != (b.num_chs, b.reduction)]
+        found = [j for j in range(start + 1, end) if fits(j, b)]
+        if found:
+            stop = next((j for j in range(found[0], end) if any(fits(j, n) for n in later)), end)
+            found = [j for j in found if j < stop]
+        if not found:
+            located.append(replace(b, problem=f"{MISSING}, and no module outputs {b.num_chs} channels at "
+                                              f"1/{b.reduction} of the input"))
+            continue
+        start = found[-1]
+        located.append(replace(b, module=seen[start][0], problem=None))
+    return located
