@@ -6,9 +6,9 @@ batch. A stage may hand on a tuple or list (tokens and class tokens, one tensor 
 the gate reads one element of it (``part``) and every tensor in it that carries the batch is
 cut alike, batch-major groups (``B * N`` rows) included. With ``realign``, a later module
 called with a tensor still at an earlier, larger batch size (a shortcut around the boundary,
-a cell's input from two cells back) gets the surviving rows of it too. When no sample is left it raises :class:`_AllExited`, so the later stages never
-run. There is no Python loop over samples and one host synchronisation per open gate (to
-learn how many samples stay).
+a cell's input from two cells back) gets the surviving rows of it too. When no sample is
+left the hook raises :class:`_AllExited`, so the later stages never run. There is no Python
+loop over samples and one host synchronisation per open gate (to learn how many samples stay).
 
 The state of a running forward belongs to that call: it sits in a context variable (one per
 thread, and per asyncio task), and a hook acts only for the engine whose forward is running

@@ -55,6 +55,11 @@ def shape_matches(output: object, batch: int, num_chs: int, reduction: int, inpu
     return shape[1] == num_chs and any(0 <= shape[0] - t <= _MAX_PREFIX_TOKENS for t in tokens)
 
 
+def _first_inside(seen: list[tuple[str, object]], module: str) -> int:
+    """Where ``module``'s work starts: the first of it or its submodules to finish."""
+    return next((j for j, (name, _) in enumerate(seen) if name == module or name.startswith(f"{module}.")), len(seen))
+
+
 def locate_missing(
     model: nn.Module, boundaries: Sequence[Boundary], x: torch.Tensor, input_size: Sequence[int]
 ) -> list[Boundary]:
@@ -62,9 +67,6 @@ def locate_missing(
     if not any(b.problem == MISSING for b in boundaries):
         return list(boundaries)
     seen = record_outputs(model, x)
-    first_call = {}
-    for index, (name, _) in enumerate(seen):
-        first_call.setdefault(name, index)
     batch = x.shape[0]
 
     def fits(index: int, b: Boundary) -> bool:
@@ -74,10 +76,9 @@ def locate_missing(
     for i, b in enumerate(boundaries):
         if b.problem != MISSING:
             located.append(b)
-            start = first_call.get(b.module, start)
+            start = max(start, next((j for j, (name, _) in enumerate(seen) if name == b.module), start))
             continue
-        end = next((first_call[n.module] for n in boundaries[i + 1 :] if not n.problem and n.module in first_call),
-                   len(seen))
+        end = next((_first_inside(seen, n.module) for n in boundaries[i + 1 :] if not n.problem), len(seen))
         later = [n for n in boundaries[i + 1 :] if (n.num_chs, n.reduction) != (b.num_chs, b.reduction)]
         found = [j for j in range(start + 1, end) if fits(j, b)]
         if found:

@@ -2,8 +2,8 @@
 
 A boundary passes when its module runs once per forward, emits a batch-first tensor of a
 known layout (or a tuple or list holding one), and removing a sample there leaves every
-other sample's logits exactly as a plain forward gives them. Anything else is refused when wrapping, with the reason, rather
-than failing later inside timm.
+other sample's logits exactly as a plain forward gives them. Anything else is refused when
+wrapping, with the reason, rather than failing later inside timm.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def probe_boundaries(
             return list(boundaries)
         outputs, reference = _run_recording(model, [b.module for b in hooked], x, name, input_size)
         checked = []
-        for k, (boundary, outs) in enumerate(zip(hooked, outputs)):
+        for boundary, outs in zip(hooked, outputs):
             try:
                 boundary = _check_output(name, boundary, outs)
                 boundary = _check_exit(model, name, boundary, x, reference)
