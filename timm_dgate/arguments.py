@@ -95,7 +95,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     gates = parser.add_argument_group("gates")
     gates.add_argument("--gates", nargs="+", default=None, metavar="BOUNDARY",
-                       help="boundary names or indices (see `timm-dgate stages MODEL`); default: after each stage")
+                       help="boundary names or indices (see `timm-dgate stages MODEL [--level block]`), or `blocks` "
+                            "for every block end; default: after each stage")
     gates.add_argument("--gate-loss", choices=GATE_LOSSES, default="hinge",
                        help="hinge (the paper's one-vs-all SVM gates) or ce (cross-entropy baseline)")
     gates.add_argument("--gate-epochs", type=int, default=300, help="full-batch steps on the cached features")

@@ -166,9 +166,52 @@ def candidate_boundaries(model: nn.Module) -> list[Boundary]:
     return [replace(b, default=i in chosen) for i, b in enumerate(boundaries)]
 
 
-def select_boundaries(model: nn.Module, gates: Sequence[str | int] | None) -> list[Boundary]:
-    """The boundaries named by ``gates`` (feature_info indices or module names), or the default ones."""
-    boundaries = candidate_boundaries(model)
+def _blocks_of(module: nn.Module) -> list[str]:
+    """Relative names of the blocks a stage runs in sequence: its own children when it is a
+    ``Sequential``/``ModuleList``, else those of its longest such child (a stage's ``blocks``)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
+        return [name for name, _ in module.named_children()]
+    lists = [(name, child) for name, child in module.named_children()
+             if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1]
+    if not lists:
+        return []
+    name, child = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{sub}" for sub, _ in child.named_children()]
+
+
+def block_boundaries(model: nn.Module, stages: Sequence[Boundary]) -> list[Boundary]:
+    """Every block end of probed ``stages``: a stage of blocks becomes one boundary per block, each
+    expecting its stage's layout, and the stage itself for the last block; any other stage stays.
+
+    The blocks still need probing (``timm_dgate.probe``): their channels come from their output.
+    """
+    expanded: list[Boundary] = []
+    for stage in stages:
+        owner = stage.name if _is_module(model, stage.name) else stage.module
+        names = [f"{owner}.{b}" for b in _blocks_of(model.get_submodule(owner))] if not stage.problem else []
+        if len(names) < 2 or stage.module not in (owner, names[-1]):
+            expanded.append(stage)
+            continue
+        expanded += [replace(stage, name=n, module=n, default=False, part=None, realign=False) for n in names[:-1]]
+        expanded.append(stage)  # the last block's end is the stage's
+    seen: set[str] = set()
+    return [b for b in expanded if not (b.module in seen or seen.add(b.module))]
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return bool(name)
+
+
+def select_boundaries(
+    model: nn.Module, gates: Sequence[str | int] | None, boundaries: Sequence[Boundary] | None = None
+) -> list[Boundary]:
+    """The boundaries named by ``gates`` (indices or module names) among ``boundaries`` (default:
+    the candidates from ``feature_info``), or the default ones."""
+    boundaries = list(boundaries) if boundaries is not None else candidate_boundaries(model)
     if gates is None:
         chosen = [b for b in boundaries if b.default]
         if not chosen:

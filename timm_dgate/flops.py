@@ -77,15 +77,11 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure_costs(
-    model: nn.Module,
-    modules: Sequence[str],
-    gates: Sequence[nn.Module],
-    input_size: Sequence[int],
-    parts: Sequence[int | None] | None = None,
-) -> GateCosts:
-    """Count the backbone up to each of ``modules`` (one pass) and each gate on that module's output
-    (the element ``parts[k]`` of a tuple or list output)."""
+def costs_to(
+    model: nn.Module, modules: Sequence[str], input_size: Sequence[int], parts: Sequence[int | None] | None = None
+) -> tuple[tuple[float, ...], list[torch.Tensor], float]:
+    """One counted pass: FLOPs up to each of ``modules``, what each emits there (the element ``parts[k]``
+    of a tuple or list output), and the whole backbone's FLOPs."""
     parts = list(parts) if parts is not None else [None] * len(modules)
     param = next(model.parameters())
     x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
@@ -111,7 +107,18 @@ def measure_costs(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    backbone = float(counter.get_total_flops())
     to_gate = tuple(snapshots[k][0] for k in range(len(modules)))
-    gate = tuple(count_flops(g, snapshots[k][1]) for k, g in enumerate(gates))
+    return to_gate, [snapshots[k][1] for k in range(len(modules))], float(counter.get_total_flops())
+
+
+def measure_costs(
+    model: nn.Module,
+    modules: Sequence[str],
+    gates: Sequence[nn.Module],
+    input_size: Sequence[int],
+    parts: Sequence[int | None] | None = None,
+) -> GateCosts:
+    """Count the backbone up to each of ``modules`` (one pass) and each gate on what that module emits."""
+    to_gate, outputs, backbone = costs_to(model, modules, input_size, parts)
+    gate = tuple(count_flops(g, out) for g, out in zip(gates, outputs))
     return GateCosts(to_gate=to_gate, gate=gate, backbone=backbone)

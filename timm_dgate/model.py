@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ from torch import nn
 from . import hub
 from .calibration import calibrate
 from .config import DGateConfig
-from .discovery import Boundary, candidate_boundaries, model_name, select_boundaries
+from .discovery import Boundary, block_boundaries, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult
 from .errors import HubFormatError, UnsupportedModelError, UntrainedHeadWarning
-from .flops import GateCosts, measure_costs
+from .flops import GateCosts, costs_to, measure_costs
 from .gates import DecisionGate
 from .heads import untrained_head_reason
 from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
@@ -467,7 +468,7 @@ def require_classifier(model: nn.Module) -> int:
 
 def wrap(
     model: nn.Module,
-    gates: Sequence[str | int] | None = None,
+    gates: Sequence[str | int] | str | None = None,
     *,
     input_size: Sequence[int] | None = None,
     pool: str = "avg",
@@ -479,8 +480,10 @@ def wrap(
 
     Args:
         model: a timm classifier (``timm.create_model(..., num_classes=N)``).
-        gates: boundary names or ``feature_info`` indices; default: after every stage but the
-            last (evenly spaced blocks for plain transformers). See :func:`timm_dgate.stages`.
+        gates: boundary names or ``feature_info`` indices; ``"blocks"``: every block end that
+            passes the probe (stems excluded), and block names from
+            ``stages(model, level="block")`` pick any of them; default: after every stage but
+            the last (evenly spaced blocks for plain transformers). See :func:`timm_dgate.stages`.
         input_size: ``(C, H, W)`` the model runs at; default: its pretrained config.
         pool: ``avg`` or, for token layouts with a class token, ``token``.
         exit_score: ``margin`` (hinge gates), ``softmax`` or ``entropy`` (cross-entropy gates).
@@ -501,12 +504,11 @@ def wrap(
     if reason is not None:
         warnings.warn(f"timm_dgate.wrap({model_name(model)}): {reason}", UntrainedHeadWarning, stacklevel=2)
     input_size = tuple(input_size or default_input_size(model))
-    chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
     config = DGateConfig(
         architecture=model_name(model),
         num_classes=num_classes,
         input_size=input_size,
-        boundaries=tuple(chosen),
+        boundaries=tuple(replace(b, gflops=None) for b in _chosen_boundaries(model, gates, input_size)),
         pool=pool,
         exit_score=exit_score,
         base_model=base_model,
@@ -516,13 +518,50 @@ def wrap(
     return GatedModel(model, config)
 
 
-def stages(model: nn.Module, input_size: Sequence[int] | None = None) -> list[Boundary]:
-    """Every boundary of ``model`` where a gate could sit, probed, with the default placement marked.
+def _chosen_boundaries(model: nn.Module, gates: Sequence[str | int] | str | None,
+                       input_size: tuple[int, ...]) -> list[Boundary]:
+    """The probed boundaries ``gates`` names: stage ends as listed by ``feature_info``, else block ends."""
+    if isinstance(gates, str) and gates != "blocks":
+        raise ValueError(f"gates={gates!r}: give 'blocks', a list of boundary names or indices, or None")
+    stage_names = {n for b in candidate_boundaries(model) for n in (b.name, b.module)}
+    if gates is None or (gates != "blocks" and all(isinstance(g, int) or g in stage_names for g in gates)):
+        return probe_boundaries(model, select_boundaries(model, gates), input_size)
+    blocks = stages(model, input_size, level="block")
+    if gates == "blocks":
+        chosen = [b for b in blocks if not b.problem and b.reduction >= 4]  # stems excluded, as by default
+        if not chosen:
+            raise UnsupportedModelError(model_name(model), "no block end passes the probe")
+        return chosen
+    chosen = select_boundaries(model, gates, blocks)
+    refused = next((b for b in chosen if b.problem), None)
+    if refused is not None:
+        raise UnsupportedModelError(model_name(model), refused.problem, refused.name)
+    return chosen
 
-    Boundaries that fail the probe are listed too, with the reason in ``problem``.
+
+LEVELS = ("stage", "block")
+
+
+def stages(model: nn.Module, input_size: Sequence[int] | None = None, level: str = "stage") -> list[Boundary]:
+    """Every boundary of ``model`` where a gate could sit, probed, with the default placement marked
+    and the backbone's GFLOPs up to each one that passes (``Boundary.gflops``).
+
+    ``level="block"`` lists every block end of a staged network instead of its stage ends (a
+    stage's last block ends it). Boundaries that fail the probe are listed too, with the
+    reason in ``problem``.
     """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
     input_size = tuple(input_size or default_input_size(model))
-    return probe_boundaries(model, candidate_boundaries(model), input_size, strict=False)
+    found = probe_boundaries(model, candidate_boundaries(model), input_size, strict=False)
+    if level == "block":
+        found = probe_boundaries(model, block_boundaries(model, found), input_size, strict=False)
+    passing = [b for b in found if not b.problem]
+    if not passing:
+        return found
+    to_gate, _, _ = costs_to(model, [b.module for b in passing], input_size, [b.part for b in passing])
+    gflops = dict(zip((b.module for b in passing), to_gate))
+    return [b if b.problem else replace(b, gflops=gflops[b.module] / 1e9) for b in found]
 
 
 from_pretrained = GatedModel.from_pretrained  # the name the mission and timm users reach for

@@ -20,6 +20,7 @@ from .engine import ExitEngine
 from .locate import locate_missing
 
 PROBE_BATCH = 3
+_CHANNEL_DIM = {"NCHW": 1, "NHWC": 3, "NLC": 2, "NC": 1}
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -157,6 +158,9 @@ def _check_output(name: str, boundary: Boundary, outputs: list[object]) -> Bound
             name, f"its output's first dimension is not the batch (shape {tuple(out.shape)})", boundary.name
         )
     layout = detect_layout(out.shape, boundary.num_chs)
+    if layout is None and boundary.layout in _CHANNEL_DIM and out.ndim == len(boundary.layout):
+        # a block inside a stage: its stage's layout, its own channels
+        return replace(boundary, num_chs=int(out.shape[_CHANNEL_DIM[boundary.layout]]))
     if layout is None:
         raise UnsupportedModelError(
             name,
