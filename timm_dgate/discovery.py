@@ -168,14 +168,13 @@ def candidate_boundaries(model: nn.Module) -> list[Boundary]:
 
 def _blocks_of(module: nn.Module) -> list[str]:
     """Relative names of the blocks a stage runs in sequence: its own children when it is a
-    ``Sequential``/``ModuleList``, else those of its longest such child (a stage's ``blocks``)."""
-    if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
+    ``Sequential``/``ModuleList``, else those of its last such child (after a downsample, the blocks)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)):
         return [name for name, _ in module.named_children()]
-    lists = [(name, child) for name, child in module.named_children()
-             if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1]
+    lists = [(n, c) for n, c in module.named_children() if isinstance(c, (nn.Sequential, nn.ModuleList))]
     if not lists:
         return []
-    name, child = max(lists, key=lambda item: len(item[1]))
+    name, child = lists[-1]
     return [f"{name}.{sub}" for sub, _ in child.named_children()]
 
 

@@ -526,16 +526,14 @@ def _chosen_boundaries(model: nn.Module, gates: Sequence[str | int] | str | None
     stage_names = {n for b in candidate_boundaries(model) for n in (b.name, b.module)}
     if gates is None or (gates != "blocks" and all(isinstance(g, int) or g in stage_names for g in gates)):
         return probe_boundaries(model, select_boundaries(model, gates), input_size)
-    blocks = stages(model, input_size, level="block")
-    if gates == "blocks":
-        chosen = [b for b in blocks if not b.problem and b.reduction >= 4]  # stems excluded, as by default
-        if not chosen:
-            raise UnsupportedModelError(model_name(model), "no block end passes the probe")
-        return chosen
-    chosen = select_boundaries(model, gates, blocks)
-    refused = next((b for b in chosen if b.problem), None)
-    if refused is not None:
-        raise UnsupportedModelError(model_name(model), refused.problem, refused.name)
+    # blocks: the stages are probed first, so each block knows its stage's layout
+    listing = block_boundaries(model, probe_boundaries(model, candidate_boundaries(model), input_size, strict=False))
+    if gates != "blocks":
+        return probe_boundaries(model, select_boundaries(model, gates, listing), input_size)
+    blocks = [b for b in listing if b.reduction >= 4]  # stems excluded, as by default
+    chosen = [b for b in probe_boundaries(model, blocks, input_size, strict=False) if not b.problem]
+    if not chosen:
+        raise UnsupportedModelError(model_name(model), "no block end passes the probe")
     return chosen
 
 
