@@ -36,6 +36,8 @@ class DGateConfig:
     ``base_model`` names the timm Hub id the backbone's weights come from, if any, and
     ``include_backbone`` whether a saved folder stores the backbone itself (timm's layout).
     ``model_args`` are the ``timm.create_model`` kwargs that rebuild the backbone.
+    ``pruned`` names the modules whose gates ``GatedModel.prune()`` dropped, so a profile made
+    before pruning can be told apart from one for another model.
     """
 
     architecture: str
@@ -48,11 +50,13 @@ class DGateConfig:
     base_model: str | None = None
     include_backbone: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
+    pruned: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)
         self.boundaries = tuple(self.boundaries)
+        self.pruned = tuple(self.pruned)
         self.model_args = dict(self.model_args or {})
         if self.base_model is not None and self.base_model.startswith("hf-hub:"):
             self.base_model = self.base_model.removeprefix("hf-hub:")  # timm's spelling; the bare repo id is stored
@@ -105,6 +109,7 @@ class DGateConfig:
                 "model_args": json.loads(json.dumps(self.model_args)),
             },
             "gates": [_gate_dict(b) for b in self.boundaries],
+            **({"pruned_gates": list(self.pruned)} if self.pruned else {}),
             "pool": self.pool,
             "gate_loss": self.gate_loss,
             "exit_score": self.exit_score,
@@ -154,6 +159,7 @@ class DGateConfig:
                 base_model=backbone.get("hub_id"),
                 include_backbone=backbone["source"] == "folder",
                 model_args=dict(backbone.get("model_args") or {}),
+                pruned=tuple(str(m) for m in data.get("pruned_gates") or ()),
                 format_version=version,
             )
         except (TypeError, ValueError) as error:

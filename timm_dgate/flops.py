@@ -45,6 +45,10 @@ class GateCosts:
         at_gates = torch.tensor(self.to_gate, dtype=torch.float64) + spent
         return torch.cat([at_gates, (self.backbone + paid.sum()).reshape(1)])
 
+    def keep_gates(self, keep: Sequence[int]) -> GateCosts:
+        """The costs once only the gates ``keep`` remain (the backbone is unchanged)."""
+        return GateCosts(tuple(self.to_gate[k] for k in keep), tuple(self.gate[k] for k in keep), self.backbone)
+
     def cumulative(self) -> tuple[float, ...]:
         """Cost of reaching and evaluating each gate with every gate open (grows gate by gate)."""
         return tuple(self.exit_costs()[:-1].tolist())

@@ -151,7 +151,12 @@ class GatedModel(nn.Module):
         self.set_thresholds([math.inf] * self.num_gates)
 
     def add_profile(self, profile: Profile, activate: bool = False) -> None:
-        """Store a named threshold profile (replacing one of the same name)."""
+        """Store a named threshold profile (replacing one of the same name).
+
+        A profile made before :meth:`prune` is taken on the gates that are left, unless it opens
+        a dropped one, which is refused.
+        """
+        profile = self._after_pruning(profile)
         if len(profile.thresholds) != self.num_gates:
             raise ValueError(
                 f"profile {profile.name!r} has {len(profile.thresholds)} thresholds; "
@@ -160,6 +165,54 @@ class GatedModel(nn.Module):
         self.profiles[profile.name] = profile
         if activate:
             self.use_profile(profile.name)
+
+    def prune(self) -> list[str]:
+        """Drop the gates closed in the thresholds in force and in every stored profile; returns their names.
+
+        They cost nothing at run time already; dropped, they are gone from the model, its FLOPs
+        count and what :meth:`save_pretrained` writes. Profiles made before that still load if
+        they keep the dropped gates closed; one that opens a dropped gate is refused.
+        """
+        self._check_attached()
+        if self._segments:
+            raise RuntimeError("timm_dgate: prune before compile(); the compiled segments are cut at the gates")
+        opened = {k for k, t in enumerate(self.thresholds) if t != math.inf}
+        for profile in self.profiles.values():
+            opened.update(profile.opened())
+        if not opened:
+            raise ValueError(
+                "timm_dgate: every gate is closed in the thresholds in force and in every profile, so pruning "
+                "would leave none; calibrate first, or use the plain model (gated.unwrap())"
+            )
+        keep = sorted(opened)
+        dropped = [b for k, b in enumerate(self.boundaries) if k not in opened]
+        if not dropped:
+            return []
+        self._engine.remove()
+        pruned = self.config.pruned + tuple(b.module for b in dropped)
+        self.config = self.config.replace(boundaries=tuple(self.boundaries[k] for k in keep), pruned=pruned)
+        self.gates = nn.ModuleList(self.gates[k] for k in keep)
+        self.thresholds = tuple(self.thresholds[k] for k in keep)
+        self.profiles = {name: p.keep_gates(keep) for name, p in self.profiles.items()}
+        if self._costs is not None:
+            self._costs = self._costs.keep_gates(keep)
+        self._engine = engine_for(self.base_model, self.boundaries)
+        return [b.name for b in dropped]
+
+    def _after_pruning(self, profile: Profile) -> Profile:
+        """A profile with one threshold per gate before :meth:`prune`, moved onto the gates left."""
+        if not self.config.pruned or len(profile.thresholds) != self.num_gates + len(self.config.pruned):
+            return profile
+        order = {name: i for i, (name, _) in enumerate(self.base_model.named_modules())}
+        before = sorted([*(b.module for b in self.boundaries), *self.config.pruned], key=order.__getitem__)
+        opens = [before[k] for k in profile.opened() if before[k] in self.config.pruned]
+        if opens:
+            raise ValueError(
+                f"profile {profile.name!r} opens the gate(s) at {', '.join(opens)}, which prune() removed from this "
+                "model; calibrate again on the pruned model"
+            )
+        kept = {b.module for b in self.boundaries}
+        return profile.keep_gates([k for k, module in enumerate(before) if module in kept])
 
     def use_profile(self, name: str) -> Profile:
         """Switch to a stored profile's thresholds and exit score."""
