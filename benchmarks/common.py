@@ -73,13 +73,13 @@ def load_backbone(name: str, splits: Splits, root: Path = ROOT, epochs: int | No
     return cached_backbone(name, splits.train, folder, epochs=epochs, val=splits.val).eval()
 
 
-def load_trained(name: str) -> nn.Module:
+def load_trained(name: str, root: Path = ROOT) -> nn.Module:
     """The trained ``name`` through timm's own ``local-dir:`` loader, in eval mode; never trains.
 
     For the scripts that must not pay for training (a child process, a timing run): the
     backbone has to be there already, from ``backbones.py`` or ``compare.py``.
     """
-    return timm.create_model(f"local-dir:{backbone_folder(name)}", pretrained=True).eval()
+    return timm.create_model(f"local-dir:{backbone_folder(name, root)}", pretrained=True).eval()
 
 
 def machine() -> str:
