@@ -5,7 +5,8 @@ classifier has ``blocks.0.1``, ``stage1`` where it has ``layer1``). Each entry s
 what the feature looks like: ``num_chs`` channels at ``reduction`` of the input. One recorded
 forward gives every module's output in the order they finish; the entry's module is the
 last one emitting that shape before the first module that emits the next entry's shape (a
-later stage started) and before the next entry that does name a module.
+later stage started) and before the next entry that does name a module, among the modules
+that are not inside one still running then.
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def _first_inside(seen: list[tuple[str, object]], module: str) -> int:
     return next((j for j, (name, _) in enumerate(seen) if name == module or name.startswith(f"{module}.")), len(seen))
 
 
+def _finished_within(seen: list[tuple[str, object]], finish: dict[str, int], name: str, stop: int) -> bool:
+    """Whether every module around ``name`` ends before ``stop``: a module inside the next stage's
+    first block (its input norm) emits the previous stage's shape too, but is not that stage's end."""
+    parts = name.split(".")
+    return all(finish.get(".".join(parts[:i]), -1) < stop for i in range(1, len(parts)))
+
+
+def _inside(seen: list[tuple[str, object]], finish: dict[str, int], j: int, shaped: set[int]) -> bool:
+    """Whether module ``j`` runs inside a module whose output (index in ``shaped``) has the shape looked
+    for: its own shapes are then a block's internals (an attention's keys), not the next stage starting."""
+    parts = seen[j][0].split(".")
+    return any(finish.get(".".join(parts[:i]), -1) in shaped for i in range(1, len(parts)))
+
+
 def locate_missing(
     model: nn.Module, boundaries: Sequence[Boundary], x: torch.Tensor, input_size: Sequence[int]
 ) -> list[Boundary]:
@@ -67,6 +82,7 @@ def locate_missing(
     if not any(b.problem == MISSING for b in boundaries):
         return list(boundaries)
     seen = record_outputs(model, x)
+    finish = {name: j for j, (name, _) in enumerate(seen)}
     batch = x.shape[0]
 
     def fits(index: int, b: Boundary) -> bool:
@@ -82,8 +98,10 @@ def locate_missing(
         later = [n for n in boundaries[i + 1 :] if (n.num_chs, n.reduction) != (b.num_chs, b.reduction)]
         found = [j for j in range(start + 1, end) if fits(j, b)]
         if found:
-            stop = next((j for j in range(found[0], end) if any(fits(j, n) for n in later)), end)
-            found = [j for j in found if j < stop]
+            shaped = {j for j in range(len(seen)) if fits(j, b)}
+            stop = next((j for j in range(found[0], end)
+                         if any(fits(j, n) for n in later) and not _inside(seen, finish, j, shaped)), end)
+            found = [j for j in found if j < stop and _finished_within(seen, finish, seen[j][0], stop)]
         if not found:
             located.append(replace(b, problem=f"{MISSING}, and no module outputs {b.num_chs} channels at "
                                               f"1/{b.reduction} of the input"))
