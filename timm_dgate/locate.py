@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .discovery import MISSING, Boundary
+from .discovery import MISSING, Boundary, candidate_boundaries
 
 _MAX_PREFIX_TOKENS = 16  # class, distillation and register tokens before the patch tokens
 
@@ -78,9 +78,21 @@ def _inside(seen: list[tuple[str, object]], finish: dict[str, int], j: int, shap
 def locate_missing(
     model: nn.Module, boundaries: Sequence[Boundary], x: torch.Tensor, input_size: Sequence[int]
 ) -> list[Boundary]:
-    """``boundaries`` with each one whose module does not exist replaced by the module emitting its shape."""
+    """``boundaries`` with each one whose module does not exist replaced by the module emitting its shape.
+
+    Located among all of the model's candidate boundaries, whichever of them were asked for: where a
+    stage ends depends on where the next one starts.
+    """
     if not any(b.problem == MISSING for b in boundaries):
         return list(boundaries)
+    found = {b.name: b for b in _locate_all(model, candidate_boundaries(model), x, input_size)}
+    return [replace(b, module=found[b.name].module, problem=found[b.name].problem)
+            if b.problem == MISSING and b.name in found else b for b in boundaries]
+
+
+def _locate_all(
+    model: nn.Module, boundaries: Sequence[Boundary], x: torch.Tensor, input_size: Sequence[int]
+) -> list[Boundary]:
     seen = record_outputs(model, x)
     finish = {name: j for j, (name, _) in enumerate(seen)}
     batch = x.shape[0]
