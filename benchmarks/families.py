@@ -42,27 +42,24 @@ BIG_WORDS = {
     "gigantic": 20, "enormous": 20, "xl": 12, "xlarge": 12, "dist": 1, "distilled": 1, "clip": 2, "enc": 1,
 }
 CAUSES = [  # (pattern in the refusal reason, cause as the doc groups it, what is going on)
+    ("no module outputs", "`feature_info` names no module, and no module outputs the shape it reports",
+     "neither a module path ending in the name nor a module emitting its channels at its reduction was found"),
     ("does not exist", "`feature_info` names a module that does not exist",
-     "the name is one that timm's feature extraction or `forward_intermediates` uses (e.g. `block.i` for a "
-     "`blocks` list, or a stem that is a function), not a module the classifier's forward calls; a family "
-     "rule (`register_family(..., boundaries=...)`) can map it to real modules"),
+     "the name is one that timm's feature extraction uses, not a module the classifier's forward calls"),
     ("names the whole model", "`feature_info` names the whole model", "the entry is `''`, which has no end"),
-    ("outputs tuple", "a stage outputs a tuple, not one tensor",
-     "stages hand several tensors on (pixel and patch tokens, tokens and class tokens, features and a "
-     "state); a gate would need to know which one carries the features and how to cut each"),
-    ("outputs list", "a stage outputs a list, not one tensor",
-     "one tensor per branch or scale travels between stages (multi-scale branches, dense links)"),
-    ("outputs dict", "a stage outputs a dict, not one tensor", "named tensors travel between stages"),
+    ("no batch-first feature tensor", "a stage outputs a tuple or list with no batch-first tensor",
+     "nothing in it carries the batch, so there is nothing to cut"),
+    ("not a tensor, tuple or list", "a stage outputs something other than a tensor, tuple or list",
+     "e.g. a dict: which entry carries the features is not knowable"),
     ("times per forward", "a boundary module runs more than once per forward", "the module is shared"),
     ("first dimension is not the batch", "a stage output is not batch-first", "tokens are packed or transposed"),
     ("-channel layout", "a stage output has no recognised feature layout",
      "`feature_info`'s `num_chs` matches no dimension of the output"),
     ("breaks the rest of the forward",
-     "removing samples breaks the later forward (full-batch shortcut or stored batch size)",
-     "a later layer still uses the full batch: the boundary sits inside a block whose shortcut holds the "
-     "input (xception), a cell takes two earlier outputs (nasnet, pnasnet), or `forward` keeps the "
-     "batch size from before the boundary (`B = x.shape[0]`) and reshapes with it later (coat, deepseek_vit, "
-     "qwen3_vit)"),
+     "removing samples breaks the later forward: `forward` keeps the batch size from before every boundary",
+     "the model's `forward` reads `B = x.shape[0]` before its first stage and reshapes with it after each one "
+     "(coat, twins, deepseek_vit, qwen3_vit), so no boundary inside it can shrink the batch; tensors held from "
+     "before a boundary are cut to the survivors (realign), a stored integer is not"),
     ("different logits", "samples that go on get different logits",
      "a later layer mixes samples, so the survivors' results change when others leave"),
     ("no stage boundary before its last stage", "no boundary before the last stage", "nothing to gate"),
@@ -151,11 +148,23 @@ def sweep_one(module: str, name: str | None) -> dict[str, object]:
     row["passing"] = [b.name for b in found if b.problem is None]
     try:
         gated = timm_dgate.wrap(model, input_size=input_size)
-        row |= {"status": "ok", "gates": [f"{b.name} ({b.layout})" for b in gated.boundaries]}
+        row |= {"status": "ok", "gates": [describe(b) for b in gated.boundaries]}
         row["compiles"] = compile_problem(gated) or "yes"
     except timm_dgate.UnsupportedModelError as error:
         row |= {"status": "refused", "reason": error.reason, "boundary": error.boundary}
     return row | {"seconds": round(time.perf_counter() - start, 1)}
+
+
+def describe(b: timm_dgate.Boundary) -> str:
+    """A gate as the doc lists it: name, the module found for it, the element read, realigned shortcuts."""
+    notes = [b.layout or "-"]
+    if b.module != b.name:
+        notes.append(f"module {b.module}")
+    if b.part is not None:
+        notes.append(f"element {b.part}")
+    if b.realign:
+        notes.append("realign")
+    return f"{b.name} ({', '.join(notes)})"
 
 
 def _child(module: str, name: str | None, queue: mp.Queue) -> None:
@@ -265,7 +274,10 @@ def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]
         "`timm_dgate.stages` probes every `feature_info` boundary (drop one sample there; the others must "
         "keep the plain model's logits exactly) and `timm_dgate.wrap` is called with the default gates. "
         "A refused family can still be gated at the boundaries listed as passing "
-        "(`wrap(model, gates=[...])`).",
+        "(`wrap(model, gates=[...])`). Each gate is listed with its layout and, where they apply: the module "
+        "found for a `feature_info` name that is no module path (by path suffix, else by output shape), the "
+        "element a gate reads of a tuple or list stage output, and `realign` where a later layer takes a tensor "
+        "from before the boundary, which the engine cuts to the surviving samples too.",
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; timm {meta['timm']}, torch {meta['torch']}, Python {meta['python']}; "

@@ -271,16 +271,20 @@ def machine_readable(results: list[dict], speeds: dict[str, dict], records: dict
 
 
 def setup_table(results: list[dict], records: dict[str, dict]) -> str:
-    """The backbones (gated and static): training, plain accuracy, FLOPs, and where the exits sit."""
-    lines = ["| model | training epochs | val accuracy | test accuracy | GFLOPs/image | our gates after | "
-             "earlyon exits after |", "|---|---|---|---|---|---|---|"]
+    """The backbones (gated and static): training, convergence, plain accuracy, FLOPs, and where the exits sit."""
+    lines = ["| model | training epochs · time | validation gain over the last 3 epochs | val accuracy | "
+             "test accuracy | GFLOPs/image | our gates after | earlyon exits after |",
+             "|---|---|---|---|---|---|---|---|"]
     gated = {r["model"]: r for r in results}
     for name, rec in records.items():
         r = gated.get(name)
         gates = ", ".join(f"`{g}`" for g in r["gates"]) if r else "(static comparator)"
         eo = ", ".join(f"`{g}`" for g in r.get("earlyon_layers", [])) if r else ""
-        lines.append(f"| `{name}` | {rec['epochs']} | {pct(rec['val_accuracy'])} | {pct(rec['accuracy'])} | "
-                     f"{rec['gflops']:.4f} | {gates} | {eo or '–'} |")
+        gain = rec.get("gain_last_3_epochs")
+        converged = "–" if gain is None else f"{gain:+.2f} pt ({'converged' if rec['converged'] else 'not converged'})"
+        took = f" · {rec['train_seconds'] / 60:.0f} min" if rec.get("train_seconds") else ""
+        lines.append(f"| `{name}` | {rec['epochs']}{took} | {converged} | {pct(rec['val_accuracy'])} | "
+                     f"{pct(rec['accuracy'])} | {rec['gflops']:.4f} | {gates} | {eo or '–'} |")
     return "\n".join(lines)
 
 
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists() and KEEP in (old := args.out.read_text()):
         kept = old[old.index(KEEP):]
     parts = [
-        "# Benchmarks: d-gates against other early-exit methods on Fashion-MNIST",
+        "# Benchmarks: gate kinds against other early-exit methods on Fashion-MNIST",
         "",
         "Fashion-MNIST, 1×32×32 (28×28 zero-padded, as the demo), backbones trained here with the demo's recipe "
         "(`benchmarks/backbones.py`, cached in timm's layout under `runs/backbones/<model>`). Every threshold is "
@@ -313,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         "Methods at equal backbone: **hinge d-gates** (the paper: pooled linear gates, hinge loss, exit on "
         "`max_c d_c`); **CE gates, max-softmax** (SDN-style: same gates trained with cross-entropy, exit on the "
         "max softmax probability); **CE gates, entropy** (BranchyNet-style: same CE gates, exit on low entropy) "
-        "— all three calibrated by `timm_dgate.calibrate` on the same validation cache; **earlyon 0.3.0** (PyPI) "
+        "— and the gate kinds beyond them (`timm_dgate.gate_kinds`): **distilled gates** (cross-entropy against "
+        "the backbone's own softmax), **distilled + label gates** (half each), **MLP gates** (one hidden layer "
+        "of 128, its FLOPs counted) and **survivor-weighted CE gates** (two refits weighted on the samples that "
+        "reach each gate under thresholds calibrated on validation); the default kind of the recipe is "
+        f"**{DEFAULT_METHOD}**. All are calibrated by `timm_dgate.calibrate` on the same validation cache; "
+        "**earlyon 0.3.0** (PyPI) "
         "on the very same trained ResNet weights loaded into its torchvision ResNet (`conv1` swapped to one "
         "channel, outputs checked equal), with its own MLP exit heads trained by its `stage2_train_exits` and its "
         "own greedy grid calibration `calibrate_thresholds` (max-softmax policy) to the same drops on the same "

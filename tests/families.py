@@ -2,7 +2,8 @@
 
 Each entry is (timm model name, create_model overrides that shrink it, input size). The
 overrides keep every model tiny so the whole matrix runs in seconds on 2 cores; the code
-paths (stage modules, layouts, heads) are those of the full-size models.
+paths (stage modules, layouts, heads) are those of the full-size models. ``COVERS`` names
+the families that stand for each kind of stage output, checked on the wrapped model.
 """
 
 FAMILIES = [
@@ -40,4 +41,46 @@ FAMILIES = [
     ("xcit_nano_12_p16_224", {"img_size": 64, "depth": 4}, 64),
     ("mobilevit_xxs", {}, 64),
     ("rexnet_100", {}, 64),
+    ("pit_ti_224", {"img_size": 64, "depth": (1, 1, 1)}, 64),
+    ("efficientvim_m1", {"depths": (1, 1, 1)}, 64),
+    (
+        "tnt_s_legacy_patch16_224",
+        {"img_size": 64, "depth": 3, "embed_dim": 64, "inner_dim": 8, "num_heads_inner": 2, "num_heads_outer": 2},
+        64,
+    ),
+    ("mvitv2_tiny", {}, 64),
+    ("crossvit_tiny_240", {"depth": ((1, 1, 0),) * 3}, 240),
+    ("hrnet_w18_small", {}, 64),
+    ("xception41p", {}, 64),
+    ("gemma4_vit_167m", {"depth": 3, "embed_dim": 64, "num_heads": 2}, 64),
+    (
+        "samvit_base_patch16_224",
+        {"img_size": 64, "depth": 3, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": ()},
+        64,
+    ),
+    ("sequencer2d_s", {"layers": (1, 1, 1, 1)}, 64),
+    ("vit_small_patch16_224", {"img_size": 64, "depth": 3, "reg_tokens": 4, "embed_dim": 64, "num_heads": 2}, 64),
+    ("mixer_s16_224", {"img_size": 64}, 64),
+    ("starnet_s050", {}, 64),
+    ("inception_next_atto", {}, 64),
+    ("swinv2_cr_tiny_ns_224", {"img_size": 64, "depths": (1, 1, 1, 1), "window_size": 4}, 64),
 ]
+
+# what a family in the matrix stands for: the contracts hold for every layout and stage output
+COVERS = {
+    "test_resnet": "NCHW",
+    "test_mambaout": "NHWC",
+    "swin_tiny_patch4_window7_224": "NHWC",
+    "samvit_base_patch16_224": "NHWC",
+    "deit_tiny_patch16_224": "tokens with prefix tokens",
+    "vit_small_patch16_224": "tokens with prefix tokens",  # a class token and 4 registers
+    "mixer_s16_224": "tokens without prefix tokens",
+    "levit_128s": "tokens without prefix tokens",
+    "pit_ti_224": "tuple",  # (NCHW tokens, class tokens)
+    "efficientvim_m1": "tuple",  # (features, next stage's input, state)
+    "tnt_s_legacy_patch16_224": "tuple",  # (pixel tokens with B * N rows, patch tokens)
+    "crossvit_tiny_240": "list",  # one token tensor per branch
+    "hrnet_w18_small": "list",  # one tensor per resolution
+    "xception41p": "realigned shortcut",
+    "gemma4_vit_167m": "realigned shortcut",  # the rotary table built before the blocks
+}

@@ -14,11 +14,18 @@ import timm
 import torch
 
 import timm_dgate
+from timm_dgate.discovery import candidate_boundaries
+from timm_dgate.engine import select_part
+from timm_dgate.locate import locate_missing
+from timm_dgate.probe import probe_boundaries
 from timm_dgate.scores import exit_score
 
-from .families import FAMILIES
+from .families import COVERS, FAMILIES
 
 BATCH = 6
+KINDS = {
+    "NCHW", "NHWC", "tokens with prefix tokens", "tokens without prefix tokens", "tuple", "list", "realigned shortcut"
+}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -36,17 +43,51 @@ def family(request):
     x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model(x)
-    return gated, x, plain
+    return gated, x, plain, last_stage(model, x)
 
 
-def test_family_matrix_covers_25_timm_families():
+def last_stage(model, x):
+    """The backbone's last boundary (never gated by default), found and probed as wrap would."""
+    located = locate_missing(model, candidate_boundaries(model), x[:3], x.shape[1:])
+    return probe_boundaries(model, located[-1:], x.shape[1:])[0]
+
+
+def test_family_matrix_covers_40_timm_families_and_every_kind_of_stage_output():
     modules = {timm.models.model_entrypoint(name).__module__ for name, _, _ in FAMILIES}
-    assert len(modules) >= 25, sorted(modules)
+    assert len(modules) >= 40, sorted(modules)
+    assert set(COVERS.values()) == KINDS
+    assert set(COVERS) <= {name for name, _, _ in FAMILIES}
+
+
+def kinds_of(gated, x) -> set[str]:
+    """What the gated boundaries of a model are: layouts, tuple or list outputs, realigned shortcuts."""
+    prefix = int(getattr(gated.base_model, "num_prefix_tokens", 0) or 0)
+    tokens = "tokens with prefix tokens" if prefix else "tokens without prefix tokens"
+    found = {tokens if b.layout == "NLC" else b.layout for b in gated.boundaries}
+    found |= {"realigned shortcut" for b in gated.boundaries if b.realign}
+    outputs: list[object] = []
+    handles = [gated.base_model.get_submodule(b.module).register_forward_hook(lambda m, a, out: outputs.append(out))
+               for b in gated.boundaries]
+    try:
+        with torch.no_grad():
+            gated.base_model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found | {type(out).__name__ for out in outputs if isinstance(out, (tuple, list))}
+
+
+def test_family_has_the_kind_of_stage_output_it_stands_for(family, request):
+    name = request.node.callspec.id
+    if name not in COVERS:
+        pytest.skip("stands for no particular kind")
+    gated, x, _, _ = family
+    assert COVERS[name] in kinds_of(gated, x)
 
 
 @torch.no_grad()
 def test_closed_gates_give_plain_logits(family):
-    gated, x, plain = family
+    gated, x, plain, _ = family
     assert all(t == math.inf for t in gated.thresholds)
     assert close(gated(x), plain)
     result = gated(x, return_exits=True)  # through the hook engine, not the shortcut
@@ -83,7 +124,7 @@ def thresholds_in_force(gated, thresholds):
 
 @torch.no_grad()
 def test_forced_exits_are_exact(family):
-    gated, x, plain = family
+    gated, x, plain, _ = family
     thresholds, expected_exits, margins = _thresholds_for_spread_exits(gated, x)
     with thresholds_in_force(gated, thresholds):
         result = gated(x, return_exits=True)
@@ -96,7 +137,7 @@ def test_forced_exits_are_exact(family):
 
 @torch.no_grad()
 def test_shuffling_the_batch_permutes_the_outputs(family):
-    gated, x, _ = family
+    gated, x, _, _ = family
     thresholds, _, _ = _thresholds_for_spread_exits(gated, x)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))
     with thresholds_in_force(gated, thresholds):
@@ -108,15 +149,15 @@ def test_shuffling_the_batch_permutes_the_outputs(family):
 @torch.no_grad()
 def test_later_stages_compute_only_the_samples_still_in_the_batch(family):
     """Exited samples are removed, not masked: each later stage's output has one row per survivor."""
-    gated, x, _ = family
+    gated, x, _, last = family
     thresholds, exits, _ = _thresholds_for_spread_exits(gated, x)
-    last_stage = timm_dgate.discovery.feature_boundaries(gated.base_model)[-1].module
     expected = {b.module: int((exits >= k).sum()) for k, b in enumerate(gated.boundaries)}
-    expected[last_stage] = int((exits == gated.num_gates).sum())
+    expected[last.module] = int((exits == gated.num_gates).sum())
+    parts = {b.module: b.part for b in (*gated.boundaries, last)}
     seen: dict[str, list[int]] = {name: [] for name in expected}
     handles = [  # prepend: see each output before the engine's own hook takes samples out of it
         gated.base_model.get_submodule(name).register_forward_hook(
-            lambda m, a, out, name=name: seen[name].append(out.shape[0]), prepend=True
+            lambda m, a, out, name=name: seen[name].append(select_part(out, parts[name]).shape[0]), prepend=True
         )
         for name in expected
     ]
@@ -126,16 +167,16 @@ def test_later_stages_compute_only_the_samples_still_in_the_batch(family):
     finally:
         for h in handles:
             h.remove()
-    assert expected[last_stage] < BATCH
+    assert expected[last.module] < BATCH
     assert seen == {name: [rows] for name, rows in expected.items()}
 
 
 @torch.no_grad()
 def test_all_exit_at_first_gate_skips_later_stages(family):
-    gated, x, _ = family
+    gated, x, _, last = family
     calls = []
-    last_stage = timm_dgate.discovery.feature_boundaries(gated.base_model)[-1].module
-    later = [gated.base_model.get_submodule(m) for m in [b.module for b in gated.boundaries[1:]] + [last_stage]]
+    later_modules = [b.module for b in gated.boundaries[1:]] + [last.module]
+    later = [gated.base_model.get_submodule(m) for m in later_modules]
     handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in later]
     gated.set_thresholds([-math.inf] + [math.inf] * (gated.num_gates - 1))
     try:

@@ -18,6 +18,7 @@ from torch import nn
 
 import timm_dgate
 from timm_dgate import discovery
+from timm_dgate.scores import exit_score
 
 SIZE = (3, 16, 16)
 
@@ -59,12 +60,20 @@ class ShortcutNet(TinyNet):
         return self.stage3(self.stage2(x))
 
 
-class BogusNameNet(TinyNet):
+class LostNameNet(TinyNet):
     """``feature_info`` names a module that the model does not have (like twins' ``block.i``)."""
 
     def __init__(self):
         super().__init__()
-        self.feature_info[1] = {"module": "blocks.1", "num_chs": 16, "reduction": 8}
+        self.feature_info[1] = {"module": "blocks.1", "num_chs": 16, "reduction": 4}  # stage2: 16 x 4 x 4
+
+
+class BogusNameNet(TinyNet):
+    """A name that is no module, with a shape that no module outputs either."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info[1] = {"module": "blocks.1", "num_chs": 12, "reduction": 8}
 
 
 class PairStage(nn.Module):
@@ -87,6 +96,36 @@ class TupleNet(TinyNet):
     def stages(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = self.stage2(self.stage1(self.stem(x)))
         return self.stage3(y)
+
+
+class DictStage(PairStage):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.inner(x)}
+
+
+class DictNet(TinyNet):
+    """A stage hands a dict to the next one: which entry carries the batch is not knowable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage2 = DictStage(self.stage2)
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage3(self.stage2(self.stage1(self.stem(x)))["features"])
+
+
+class ModuleShortcutNet(TinyNet):
+    """Like ShortcutNet, but the shortcut runs through a module, which the engine can cut to the survivors."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info[0] = {"module": "stage1.1", "num_chs": 8, "reduction": 4}
+        self.shortcut = nn.Conv2d(8, 8, 1)
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stage1(x) + self.shortcut(x)
+        return self.stage3(self.stage2(x))
 
 
 class TwiceNet(TinyNet):
@@ -149,8 +188,8 @@ class StoredBatchNet(TinyNet):
 MIXED = "samples that go on get different logits once others leave there"
 REFUSED = [  # (model class, refused boundary, words of the reason)
     (ShortcutNet, "stage1.1", "removing samples there breaks the rest of the forward"),
-    (BogusNameNet, "blocks.1", "does not exist"),
-    (TupleNet, "stage2", "outputs tuple"),
+    (BogusNameNet, "blocks.1", "no module outputs 12 channels at 1/8 of the input"),
+    (DictNet, "stage2", "outputs dict, not a tensor, tuple or list"),
     (TwiceNet, "stage1", "runs 2 times"),
     (NotBatchFirstNet, "stage2", "first dimension is not the batch"),
     (WrongChannelsNet, "stage2", "no 12-channel layout"),
@@ -195,13 +234,36 @@ def test_plain_tinynet_wraps():
     assert [b.name for b in gated.boundaries] == ["stage1", "stage2"]
 
 
-def test_real_timm_shortcut_inside_block_is_refused():
-    """xception41's feature_info names ``blocks.N.stack.act3``, inside a block with a shortcut."""
+def test_a_missing_feature_info_name_is_found_by_its_shape():
+    gated = timm_dgate.wrap(make(LostNameNet), input_size=SIZE)
+    assert [(b.name, b.module) for b in gated.boundaries] == [("stage1", "stage1"), ("blocks.1", "stage2")]
+
+
+def test_a_tuple_stage_output_is_gated_on_its_feature_tensor():
+    gated = timm_dgate.wrap(make(TupleNet), input_size=SIZE)
+    assert [(b.name, b.part, b.layout) for b in gated.boundaries] == [("stage1", None, "NCHW"), ("stage2", 0, "NCHW")]
+
+
+def test_a_shortcut_through_a_module_is_realigned_and_exact():
+    """The shortcut's input still has the full batch after the exit; the engine cuts it to the survivors."""
+    model = make(ModuleShortcutNet)
+    gated = timm_dgate.wrap(model, gates=["stage1.1"], input_size=SIZE)
+    assert gated.boundaries[0].realign
+    x = torch.randn(5, *SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        margins, _ = gated.forward_gates(x)
+        gated.set_thresholds([exit_score(margins[0], gated.exit_score).median().item()])
+        result, plain = gated(x, return_exits=True), model(x)
+    stayed = result.exits == 1
+    assert 0 < int(stayed.sum()) < 5
+    assert torch.allclose(result.logits[stayed], plain[stayed], atol=1e-6)
+
+
+def test_real_timm_shortcut_inside_block_is_realigned():
+    """xception41's feature_info names ``blocks.N.stack.act3``, inside a block whose shortcut is a conv."""
     model = timm.create_model("xception41", pretrained=False, num_classes=5).eval()
-    with pytest.raises(timm_dgate.UnsupportedModelError) as caught:
-        timm_dgate.wrap(model, gates=["blocks.1.stack.act3"], input_size=(3, 64, 64))
-    assert caught.value.model == "xception41" and caught.value.boundary == "blocks.1.stack.act3"
-    assert "xception41" in str(caught.value) and "breaks the rest of the forward" in str(caught.value)
+    gated = timm_dgate.wrap(model, gates=["blocks.1.stack.act3"], input_size=(3, 64, 64))
+    assert gated.boundaries[0].realign
 
 
 def test_model_without_feature_info_is_refused():

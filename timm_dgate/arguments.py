@@ -95,7 +95,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     gates = parser.add_argument_group("gates")
     gates.add_argument("--gates", nargs="+", default=None, metavar="BOUNDARY",
-                       help="boundary names or indices (see `timm-dgate stages MODEL`); default: after each stage")
+                       help="boundary names or indices (see `timm-dgate stages MODEL [--level block]`), or `blocks` "
+                            "for every block end; default: after each stage")
     gates.add_argument("--gate-kind", choices=list(GATE_KINDS), default=DEFAULT_GATE_KIND,
                        help="how the gates are built and trained (docs/concepts.md, 'Gate kinds'); "
                             "hinge is the paper's")

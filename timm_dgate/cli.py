@@ -56,21 +56,20 @@ def _demo(args: argparse.Namespace) -> int:
 def _stages(args: argparse.Namespace) -> int:
     import timm
 
-    from .model import stages, wrap
+    from .flops import costs_to
+    from .model import stages
+    from .probe import default_input_size
 
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).eval()
-    input_size = tuple(args.input_size) if args.input_size else None
-    found = stages(model, input_size)
-    gated = wrap(model, input_size=input_size) if any(b.default and not b.problem for b in found) else None
-    costs = dict(zip([b.module for b in gated.boundaries], gated.costs.cumulative())) if gated else {}
-    print(f"{'boundary':<28} {'channels':>8} {'reduction':>9} {'layout':>6}  gate  GFLOPs to gate")
+    input_size = tuple(args.input_size) if args.input_size else default_input_size(model)
+    found = stages(model, input_size, level=args.level)
+    print(f"{'boundary':<28} {'channels':>8} {'reduction':>9} {'layout':>6}  gate  GFLOPs to it")
     for b in found:
-        gflops = f"{costs[b.module] / 1e9:.4f}" if b.module in costs else "-"
+        gflops = "-" if b.gflops is None else f"{b.gflops:.4f}"
         mark = "yes" if b.default else ""
         print(f"{b.name:<28} {b.num_chs:>8} {b.reduction:>9} {b.layout or '-':>6}  {mark:<4}  {gflops}"
               + (f"   refused: {b.problem}" if b.problem else ""))
-    if gated:
-        print(f"full model {gated.costs.backbone / 1e9:.4f} GFLOPs, +{sum(gated.costs.gate) / 1e9:.6f} for all gates")
+    print(f"full model {costs_to(model, [], input_size)[2] / 1e9:.4f} GFLOPs")
     return 0
 
 
@@ -209,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     stages_cmd.add_argument("model", help="timm model name, e.g. resnet50")
     stages_cmd.add_argument("--num-classes", type=int, default=1000)
     stages_cmd.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    stages_cmd.add_argument("--level", choices=("stage", "block"), default="stage",
+                            help="stage ends (feature_info) or every block end of a staged network")
     stages_cmd.set_defaults(func=_stages)
 
     fit_cmd = sub.add_parser("fit", help="the fit recipe (recipes/fit.py): fit, calibrate, evaluate, save",

@@ -39,6 +39,8 @@ class DGateConfig:
     ``gate_hidden`` is the width of each gate's hidden layer (0: the paper's linear gate);
     ``gate_loss`` and ``gate_distill`` record how :func:`~timm_dgate.fit` trained the gates
     (the weight of the backbone's own predictions in their targets).
+    ``pruned`` names the modules whose gates ``GatedModel.prune()`` dropped, so a profile made
+    before pruning can be told apart from one for another model.
     """
 
     architecture: str
@@ -53,11 +55,13 @@ class DGateConfig:
     base_model: str | None = None
     include_backbone: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
+    pruned: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)
         self.boundaries = tuple(self.boundaries)
+        self.pruned = tuple(self.pruned)
         self.model_args = dict(self.model_args or {})
         if self.base_model is not None and self.base_model.startswith("hf-hub:"):
             self.base_model = self.base_model.removeprefix("hf-hub:")  # timm's spelling; the bare repo id is stored
@@ -118,10 +122,8 @@ class DGateConfig:
                 "hub_id": self.base_model,
                 "model_args": json.loads(json.dumps(self.model_args)),
             },
-            "gates": [
-                {"name": b.name, "module": b.module, "num_chs": b.num_chs, "reduction": b.reduction, "layout": b.layout}
-                for b in self.boundaries
-            ],
+            "gates": [_gate_dict(b) for b in self.boundaries],
+            **({"pruned_gates": list(self.pruned)} if self.pruned else {}),
             "pool": self.pool,
             "gate_loss": self.gate_loss,
             "gate_distill": self.gate_distill,
@@ -162,7 +164,9 @@ class DGateConfig:
                 num_classes=data["num_classes"],
                 input_size=tuple(data["input_size"]),
                 boundaries=tuple(
-                    Boundary(g["name"], g["module"], int(g["num_chs"]), int(g.get("reduction", 0)), g["layout"])
+                    Boundary(g["name"], g["module"], int(g["num_chs"]), int(g.get("reduction", 0)), g["layout"],
+                             part=None if g.get("part") is None else int(g["part"]),
+                             realign=bool(g.get("realign", False)))
                     for g in gates
                 ),
                 pool=data["pool"],
@@ -173,6 +177,7 @@ class DGateConfig:
                 base_model=backbone.get("hub_id"),
                 include_backbone=backbone["source"] == "folder",
                 model_args=dict(backbone.get("model_args") or {}),
+                pruned=tuple(str(m) for m in data.get("pruned_gates") or ()),
                 format_version=version,
             )
         except (TypeError, ValueError) as error:
@@ -190,6 +195,16 @@ class DGateConfig:
         """Read ``dgate_config.json`` from a local folder (Hub repos: :meth:`GatedModel.from_pretrained`)."""
         path = Path(folder) / CONFIG_NAME
         return cls.from_dict(read_json(path, "the gated model's config"), str(path))
+
+
+def _gate_dict(b: Boundary) -> dict[str, Any]:
+    """One gate's entry; ``part`` and ``realign`` only where set, so plain boundaries read as before."""
+    entry = {"name": b.name, "module": b.module, "num_chs": b.num_chs, "reduction": b.reduction, "layout": b.layout}
+    if b.part is not None:
+        entry["part"] = b.part
+    if b.realign:
+        entry["realign"] = True
+    return entry
 
 
 def read_json(path: Path, what: str) -> Any:

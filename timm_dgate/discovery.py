@@ -25,9 +25,12 @@ class Boundary:
     """One place a gate can sit: the end of a stage (or block) of the backbone.
 
     ``layout`` is the feature layout the module emits (``NCHW``, ``NHWC``, tokens ``NLC``)
-    and is filled in by the probe; ``default`` marks the default gate placement; ``problem``
-    says why the boundary is refused (``feature_info`` names no real module, or the probe
-    failed); :func:`timm_dgate.stages` lists such boundaries, :func:`timm_dgate.wrap` raises.
+    and is filled in by the probe; ``part`` is the element a gate reads when the module
+    outputs a tuple or list (None: one tensor); ``realign`` says that a later layer takes a
+    tensor from before the boundary, so the engine cuts that too. ``default`` marks the
+    default gate placement; ``problem`` says why the boundary is refused (no module for it,
+    or the probe failed); :func:`timm_dgate.stages` lists such boundaries,
+    :func:`timm_dgate.wrap` raises. ``gflops`` is the backbone's cost up to it, where listed.
     """
 
     name: str
@@ -37,6 +40,9 @@ class Boundary:
     layout: str | None = None
     default: bool = False
     problem: str | None = None
+    part: int | None = None
+    realign: bool = False
+    gflops: float | None = None
 
 
 BoundaryFn = Callable[[nn.Module], list[Boundary]]
@@ -81,14 +87,23 @@ def model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+MISSING = "feature_info names a module that does not exist in the model"
+
+
 def resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    """Find the module a gate hooks; a container that is never called itself resolves to its last child."""
+    """Find the module a gate hooks; a container that is never called itself resolves to its last child.
+
+    A name that is not a module path is looked up as the unique path ending in it
+    (``blocks.3`` for ``encoder.blocks.3``); the probe then matches what is still missing by
+    output shape (``timm_dgate.locate``).
+    """
     try:
         module = model.get_submodule(name) if name else model
     except AttributeError:
-        raise UnsupportedModelError(
-            model_name(model), "feature_info names a module that does not exist in the model", name
-        ) from None
+        ends = [n for n, _ in model.named_modules() if n.endswith(f".{name}")]
+        if len(ends) != 1:
+            raise UnsupportedModelError(model_name(model), MISSING, name) from None
+        name, module = ends[0], model.get_submodule(ends[0])
     if not name:
         raise UnsupportedModelError(model_name(model), "feature_info names the whole model", name)
     while isinstance(module, nn.ModuleList) and len(module):
@@ -103,8 +118,11 @@ def feature_boundaries(model: nn.Module) -> list[Boundary]:
     if not info:
         raise UnsupportedModelError(model_name(model), "it has no feature_info listing its stages")
     entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    boundaries = []
+    boundaries, named = [], set()
     for entry in entries:
+        if entry["module"] in named:  # one entry per branch of the same module (crossvit): the first one's
+            continue
+        named.add(entry["module"])
         module, problem = entry["module"], None
         try:
             module, _ = resolve_module(model, module)
@@ -148,9 +166,51 @@ def candidate_boundaries(model: nn.Module) -> list[Boundary]:
     return [replace(b, default=i in chosen) for i, b in enumerate(boundaries)]
 
 
-def select_boundaries(model: nn.Module, gates: Sequence[str | int] | None) -> list[Boundary]:
-    """The boundaries named by ``gates`` (feature_info indices or module names), or the default ones."""
-    boundaries = candidate_boundaries(model)
+def _blocks_of(module: nn.Module) -> list[str]:
+    """Relative names of the blocks a stage runs in sequence: its own children when it is a
+    ``Sequential``/``ModuleList``, else those of its last such child (after a downsample, the blocks)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)):
+        return [name for name, _ in module.named_children()]
+    lists = [(n, c) for n, c in module.named_children() if isinstance(c, (nn.Sequential, nn.ModuleList))]
+    if not lists:
+        return []
+    name, child = lists[-1]
+    return [f"{name}.{sub}" for sub, _ in child.named_children()]
+
+
+def block_boundaries(model: nn.Module, stages: Sequence[Boundary]) -> list[Boundary]:
+    """Every block end of probed ``stages``: a stage of blocks becomes one boundary per block, each
+    expecting its stage's layout, and the stage itself for the last block; any other stage stays.
+
+    The blocks still need probing (``timm_dgate.probe``): their channels come from their output.
+    """
+    expanded: list[Boundary] = []
+    for stage in stages:
+        owner = stage.name if _is_module(model, stage.name) else stage.module
+        names = [f"{owner}.{b}" for b in _blocks_of(model.get_submodule(owner))] if not stage.problem else []
+        if len(names) < 2 or stage.module not in (owner, names[-1]):
+            expanded.append(stage)
+            continue
+        expanded += [replace(stage, name=n, module=n, default=False, part=None, realign=False) for n in names[:-1]]
+        expanded.append(stage)  # the last block's end is the stage's
+    seen: set[str] = set()
+    return [b for b in expanded if not (b.module in seen or seen.add(b.module))]
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return bool(name)
+
+
+def select_boundaries(
+    model: nn.Module, gates: Sequence[str | int] | None, boundaries: Sequence[Boundary] | None = None
+) -> list[Boundary]:
+    """The boundaries named by ``gates`` (indices or module names) among ``boundaries`` (default:
+    the candidates from ``feature_info``), or the default ones."""
+    boundaries = list(boundaries) if boundaries is not None else candidate_boundaries(model)
     if gates is None:
         chosen = [b for b in boundaries if b.default]
         if not chosen:

@@ -45,6 +45,10 @@ class GateCosts:
         at_gates = torch.tensor(self.to_gate, dtype=torch.float64) + spent
         return torch.cat([at_gates, (self.backbone + paid.sum()).reshape(1)])
 
+    def keep_gates(self, keep: Sequence[int]) -> GateCosts:
+        """The costs once only the gates ``keep`` remain (the backbone is unchanged)."""
+        return GateCosts(tuple(self.to_gate[k] for k in keep), tuple(self.gate[k] for k in keep), self.backbone)
+
     def cumulative(self) -> tuple[float, ...]:
         """Cost of reaching and evaluating each gate with every gate open (grows gate by gate)."""
         return tuple(self.exit_costs()[:-1].tolist())
@@ -77,17 +81,20 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure_costs(
-    model: nn.Module, modules: Sequence[str], gates: Sequence[nn.Module], input_size: Sequence[int]
-) -> GateCosts:
-    """Count the backbone up to each of ``modules`` (one pass) and each gate on that module's output."""
+def costs_to(
+    model: nn.Module, modules: Sequence[str], input_size: Sequence[int], parts: Sequence[int | None] | None = None
+) -> tuple[tuple[float, ...], list[torch.Tensor], float]:
+    """One counted pass: FLOPs up to each of ``modules``, what each emits there (the element ``parts[k]``
+    of a tuple or list output), and the whole backbone's FLOPs."""
+    parts = list(parts) if parts is not None else [None] * len(modules)
     param = next(model.parameters())
     x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
     snapshots: dict[int, tuple[float, torch.Tensor]] = {}
     counter = FlopCounterMode(display=False)
 
-    def snapshot(k: int, module: nn.Module, args: object, output: torch.Tensor) -> None:
-        snapshots.setdefault(k, (float(counter.get_total_flops()), output))
+    def snapshot(k: int, module: nn.Module, args: object, output: object) -> None:
+        feature = output if parts[k] is None else output[parts[k]]  # type: ignore[index]
+        snapshots.setdefault(k, (float(counter.get_total_flops()), feature))
 
     handles = [
         model.get_submodule(name).register_forward_hook(
@@ -104,7 +111,18 @@ def measure_costs(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    backbone = float(counter.get_total_flops())
     to_gate = tuple(snapshots[k][0] for k in range(len(modules)))
-    gate = tuple(count_flops(g, snapshots[k][1]) for k, g in enumerate(gates))
+    return to_gate, [snapshots[k][1] for k in range(len(modules))], float(counter.get_total_flops())
+
+
+def measure_costs(
+    model: nn.Module,
+    modules: Sequence[str],
+    gates: Sequence[nn.Module],
+    input_size: Sequence[int],
+    parts: Sequence[int | None] | None = None,
+) -> GateCosts:
+    """Count the backbone up to each of ``modules`` (one pass) and each gate on what that module emits."""
+    to_gate, outputs, backbone = costs_to(model, modules, input_size, parts)
+    gate = tuple(count_flops(g, out) for g, out in zip(gates, outputs))
     return GateCosts(to_gate=to_gate, gate=gate, backbone=backbone)

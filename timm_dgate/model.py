@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,10 @@ from torch import nn
 from . import hub
 from .calibration import calibrate
 from .config import DGateConfig
-from .discovery import Boundary, candidate_boundaries, model_name, select_boundaries
+from .discovery import Boundary, block_boundaries, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult, threshold_decide
 from .errors import HubFormatError, UnsupportedModelError, UntrainedHeadWarning
-from .flops import GateCosts, measure_costs
+from .flops import GateCosts, costs_to, measure_costs
 from .gates import DecisionGate
 from .heads import untrained_head_reason
 from .losses import DEFAULT_EXIT_SCORE, check_gate_loss
@@ -71,7 +72,7 @@ class GatedModel(nn.Module):
         self._costs: GateCosts | None = None
         self._segments: list[str] = []  # compiled by compile()
         self.seen_images = SeenImages()  # what fit and evaluate read, so calibrate can refuse it (in memory only)
-        self._engine = ExitEngine(model, [b.module for b in config.boundaries])
+        self._engine = engine_for(model, config.boundaries)
         self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
 
     # ---- settings (read from the config) ----------------------------------------------------
@@ -161,7 +162,12 @@ class GatedModel(nn.Module):
         self.set_thresholds([math.inf] * self.num_gates)
 
     def add_profile(self, profile: Profile, activate: bool = False) -> None:
-        """Store a named threshold profile (replacing one of the same name)."""
+        """Store a named threshold profile (replacing one of the same name).
+
+        A profile made before :meth:`prune` is taken on the gates that are left, unless it opens
+        a dropped one, which is refused.
+        """
+        profile = self._after_pruning(profile)
         if len(profile.thresholds) != self.num_gates:
             raise ValueError(
                 f"profile {profile.name!r} has {len(profile.thresholds)} thresholds; "
@@ -170,6 +176,54 @@ class GatedModel(nn.Module):
         self.profiles[profile.name] = profile
         if activate:
             self.use_profile(profile.name)
+
+    def prune(self) -> list[str]:
+        """Drop the gates closed in the thresholds in force and in every stored profile; returns their names.
+
+        They cost nothing at run time already; dropped, they are gone from the model, its FLOPs
+        count and what :meth:`save_pretrained` writes. Profiles made before that still load if
+        they keep the dropped gates closed; one that opens a dropped gate is refused.
+        """
+        self._check_attached()
+        if self._segments:
+            raise RuntimeError("timm_dgate: prune before compile(); the compiled segments are cut at the gates")
+        opened = {k for k, t in enumerate(self.thresholds) if t != math.inf}
+        for profile in self.profiles.values():
+            opened.update(profile.opened())
+        if not opened:
+            raise ValueError(
+                "timm_dgate: every gate is closed in the thresholds in force and in every profile, so pruning "
+                "would leave none; calibrate first, or use the plain model (gated.unwrap())"
+            )
+        keep = sorted(opened)
+        dropped = [b for k, b in enumerate(self.boundaries) if k not in opened]
+        if not dropped:
+            return []
+        self._engine.remove()
+        pruned = self.config.pruned + tuple(b.module for b in dropped)
+        self.config = self.config.replace(boundaries=tuple(self.boundaries[k] for k in keep), pruned=pruned)
+        self.gates = nn.ModuleList(self.gates[k] for k in keep)
+        self.thresholds = tuple(self.thresholds[k] for k in keep)
+        self.profiles = {name: p.keep_gates(keep) for name, p in self.profiles.items()}
+        if self._costs is not None:
+            self._costs = self._costs.keep_gates(keep)
+        self._engine = engine_for(self.base_model, self.boundaries)
+        return [b.name for b in dropped]
+
+    def _after_pruning(self, profile: Profile) -> Profile:
+        """A profile with one threshold per gate before :meth:`prune`, moved onto the gates left."""
+        if not self.config.pruned or len(profile.thresholds) != self.num_gates + len(self.config.pruned):
+            return profile
+        order = {name: i for i, (name, _) in enumerate(self.base_model.named_modules())}
+        before = sorted([*(b.module for b in self.boundaries), *self.config.pruned], key=order.__getitem__)
+        opens = [before[k] for k in profile.opened() if before[k] in self.config.pruned]
+        if opens:
+            raise ValueError(
+                f"profile {profile.name!r} opens the gate(s) at {', '.join(opens)}, which prune() removed from this "
+                "model; calibrate again on the pruned model"
+            )
+        kept = {b.module for b in self.boundaries}
+        return profile.keep_gates([k for k, module in enumerate(before) if module in kept])
 
     def use_profile(self, name: str) -> Profile:
         """Switch to a stored profile's thresholds and exit score."""
@@ -294,7 +348,8 @@ class GatedModel(nn.Module):
         if self._costs is None:
             self._check_attached()
             self._costs = measure_costs(
-                self.base_model, [b.module for b in self.boundaries], self.gates, self.input_size
+                self.base_model, [b.module for b in self.boundaries], self.gates, self.input_size,
+                [b.part for b in self.boundaries],
             )
         return self._costs
 
@@ -460,6 +515,13 @@ def _refuse_tracing() -> None:
         raise RuntimeError(_TRACING_MESSAGE.format(how="torch.export / torch.onnx.export"))
 
 
+def engine_for(model: nn.Module, boundaries: Sequence[Boundary]) -> ExitEngine:
+    """The exit engine for gates at ``boundaries``; every module's input is hooked only where one needs realigning."""
+    return ExitEngine(
+        model, [b.module for b in boundaries], [b.part for b in boundaries], realign=any(b.realign for b in boundaries)
+    )
+
+
 def require_classifier(model: nn.Module) -> int:
     """Gates predict classes, so the model must have a head; checked before any probe runs."""
     num_classes = getattr(model, "num_classes", 0)
@@ -473,7 +535,7 @@ def require_classifier(model: nn.Module) -> int:
 
 def wrap(
     model: nn.Module,
-    gates: Sequence[str | int] | None = None,
+    gates: Sequence[str | int] | str | None = None,
     *,
     input_size: Sequence[int] | None = None,
     pool: str = "avg",
@@ -486,8 +548,10 @@ def wrap(
 
     Args:
         model: a timm classifier (``timm.create_model(..., num_classes=N)``).
-        gates: boundary names or ``feature_info`` indices; default: after every stage but the
-            last (evenly spaced blocks for plain transformers). See :func:`timm_dgate.stages`.
+        gates: boundary names or ``feature_info`` indices; ``"blocks"``: every block end that
+            passes the probe (stems excluded), and block names from
+            ``stages(model, level="block")`` pick any of them; default: after every stage but
+            the last (evenly spaced blocks for plain transformers). See :func:`timm_dgate.stages`.
         input_size: ``(C, H, W)`` the model runs at; default: its pretrained config.
         pool: ``avg`` or, for token layouts with a class token, ``token``.
         exit_score: ``margin`` (hinge gates), ``softmax`` or ``entropy`` (cross-entropy gates).
@@ -510,12 +574,11 @@ def wrap(
     if reason is not None:
         warnings.warn(f"timm_dgate.wrap({model_name(model)}): {reason}", UntrainedHeadWarning, stacklevel=2)
     input_size = tuple(input_size or default_input_size(model))
-    chosen = probe_boundaries(model, select_boundaries(model, gates), input_size)
     config = DGateConfig(
         architecture=model_name(model),
         num_classes=num_classes,
         input_size=input_size,
-        boundaries=tuple(chosen),
+        boundaries=tuple(replace(b, gflops=None) for b in _chosen_boundaries(model, gates, input_size)),
         pool=pool,
         exit_score=exit_score,
         base_model=base_model,
@@ -526,13 +589,48 @@ def wrap(
     return GatedModel(model, config)
 
 
-def stages(model: nn.Module, input_size: Sequence[int] | None = None) -> list[Boundary]:
-    """Every boundary of ``model`` where a gate could sit, probed, with the default placement marked.
+def _chosen_boundaries(model: nn.Module, gates: Sequence[str | int] | str | None,
+                       input_size: tuple[int, ...]) -> list[Boundary]:
+    """The probed boundaries ``gates`` names: stage ends as listed by ``feature_info``, else block ends."""
+    if isinstance(gates, str) and gates != "blocks":
+        raise ValueError(f"gates={gates!r}: give 'blocks', a list of boundary names or indices, or None")
+    stage_names = {n for b in candidate_boundaries(model) for n in (b.name, b.module)}
+    if gates is None or (gates != "blocks" and all(isinstance(g, int) or g in stage_names for g in gates)):
+        return probe_boundaries(model, select_boundaries(model, gates), input_size)
+    # blocks: the stages are probed first, so each block knows its stage's layout
+    listing = block_boundaries(model, probe_boundaries(model, candidate_boundaries(model), input_size, strict=False))
+    if gates != "blocks":
+        return probe_boundaries(model, select_boundaries(model, gates, listing), input_size)
+    blocks = [b for b in listing if b.reduction >= 4]  # stems excluded, as by default
+    chosen = [b for b in probe_boundaries(model, blocks, input_size, strict=False) if not b.problem]
+    if not chosen:
+        raise UnsupportedModelError(model_name(model), "no block end passes the probe")
+    return chosen
 
-    Boundaries that fail the probe are listed too, with the reason in ``problem``.
+
+LEVELS = ("stage", "block")
+
+
+def stages(model: nn.Module, input_size: Sequence[int] | None = None, level: str = "stage") -> list[Boundary]:
+    """Every boundary of ``model`` where a gate could sit, probed, with the default placement marked
+    and the backbone's GFLOPs up to each one that passes (``Boundary.gflops``).
+
+    ``level="block"`` lists every block end of a staged network instead of its stage ends (a
+    stage's last block ends it). Boundaries that fail the probe are listed too, with the
+    reason in ``problem``.
     """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
     input_size = tuple(input_size or default_input_size(model))
-    return probe_boundaries(model, candidate_boundaries(model), input_size, strict=False)
+    found = probe_boundaries(model, candidate_boundaries(model), input_size, strict=False)
+    if level == "block":
+        found = probe_boundaries(model, block_boundaries(model, found), input_size, strict=False)
+    passing = [b for b in found if not b.problem]
+    if not passing:
+        return found
+    to_gate, _, _ = costs_to(model, [b.module for b in passing], input_size, [b.part for b in passing])
+    gflops = dict(zip((b.module for b in passing), to_gate))
+    return [b if b.problem else replace(b, gflops=gflops[b.module] / 1e9) for b in found]
 
 
 from_pretrained = GatedModel.from_pretrained  # the name the mission and timm users reach for

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .scores import check_exit_score
@@ -54,6 +54,20 @@ class Profile:
         check_exit_score(self.exit_score)
         self.thresholds = decode_thresholds(self.thresholds)
         self.exit_fractions = tuple(float(f) for f in self.exit_fractions)
+
+    def opened(self) -> list[int]:
+        """Indices of the gates this profile opens (a finite threshold)."""
+        return [k for k, t in enumerate(self.thresholds) if t != math.inf]
+
+    def keep_gates(self, keep: Sequence[int]) -> Profile:
+        """This profile on a model that kept only the gates ``keep`` (the others closed here)."""
+        closed = set(range(len(self.thresholds))) - set(keep)
+        if any(self.thresholds[k] != math.inf for k in closed):
+            raise ValueError(f"profile {self.name!r} opens a gate that would be dropped")
+        fractions = self.exit_fractions
+        if len(fractions) == len(self.thresholds) + 1:
+            fractions = tuple(fractions[k] for k in keep) + fractions[-1:]
+        return replace(self, thresholds=tuple(self.thresholds[k] for k in keep), exit_fractions=fractions)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: infinite thresholds become the string ``"inf"``."""

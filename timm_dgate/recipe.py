@@ -157,8 +157,12 @@ def preprocessing_source(config: RecipeConfig, origin: str) -> str:
 def wrap_model(
     model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...], gate_hidden: int = 0
 ) -> GatedModel:
-    """``wrap`` with CLI-style gate positions (names, or integers as strings)."""
-    positions = [int(g) if g.lstrip("-").isdigit() else g for g in gates] if gates else None
+    """``wrap`` with CLI-style gate positions (names, integers as strings, or ``blocks`` alone)."""
+    positions: list[str | int] | str | None = None
+    if gates == ("blocks",) or gates == ["blocks"]:
+        positions = "blocks"
+    elif gates:
+        positions = [int(g) if g.lstrip("-").isdigit() else g for g in gates]
     try:
         return wrap(model, positions, input_size=input_size, gate_hidden=gate_hidden)
     except ValueError as error:
