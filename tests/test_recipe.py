@@ -24,6 +24,7 @@ import timm_dgate
 from timm_dgate import cli, recipe
 from timm_dgate.datasets import DataConfig, RecipeData, SplitData, data_config
 from timm_dgate.fashion_mnist import load_splits
+from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "test_resnet", "--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
@@ -68,7 +69,8 @@ def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, imag
     first = capsys.readouterr().out
     assert "validation: 100 images (validation)" in first and "No --test-split" in (tmp_path / "results.md").read_text()
     gated = timm_dgate.from_pretrained(tmp_path / "hub")
-    assert list(gated.profiles) == ["drop-0.5pt"] and gated.gate_loss == "hinge"
+    assert list(gated.profiles) == ["drop-0.5pt"] and gated.gate_loss == "ce"  # the default kind: MLP gates, CE
+    assert gated.config.gate_hidden == GATE_KINDS[DEFAULT_GATE_KIND].hidden > 0
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran although every split was cached")
