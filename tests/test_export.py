@@ -31,10 +31,13 @@ def between_scores(scores: torch.Tensor, q: float) -> float:
 
 
 def gated_with_mixed_exits() -> tuple[timm_dgate.GatedModel, torch.Tensor]:
-    """A tiny gated model whose thresholds send some of ``images`` out at every gate and some to the head."""
+    """A tiny gated model whose thresholds send some of ``images`` out at every gate and some to the head.
+
+    Its gates are MLP gates, the default kind's (a linear gate is their last layer alone).
+    """
     torch.manual_seed(0)
     backbone = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
-    gated = timm_dgate.wrap(backbone, input_size=(1, SIZE, SIZE))
+    gated = timm_dgate.wrap(backbone, input_size=(1, SIZE, SIZE), gate_hidden=16)
     for gate in gated.gates:
         torch.nn.init.normal_(gate.fc.weight)
     images = torch.randn(96, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -52,7 +55,7 @@ def exported(tmp_path_factory):
     gated, images = gated_with_mixed_exits()
     folders = {"onnx": tmp_path_factory.mktemp("onnx"), "torch": tmp_path_factory.mktemp("torch")}
     timm_dgate.export(gated, folders["onnx"], format="onnx")
-    bare = timm_dgate.wrap(gated.base_model, input_size=gated.input_size)
+    bare = timm_dgate.wrap(gated.base_model, input_size=gated.input_size, gate_hidden=gated.config.gate_hidden)
     bare.gates.load_state_dict(gated.gates.state_dict())
     with pytest.warns(UserWarning, match="never exits early"):
         timm_dgate.export(bare, folders["torch"], format="torch")
