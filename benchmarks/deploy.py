@@ -248,8 +248,8 @@ def report(args: argparse.Namespace, results: list[dict[str, object]], paths: li
         "`timm_dgate.export` + `runtime.OnnxGatedModel`). Speed-ups are medians of per-repeat ratios against the "
         "plain model in the same mode; *fraction* is speed-up / FLOPs ideal.",
         "",
-        "The machine is shared with a training job: absolute images/s move between runs, so only the ratios "
-        "measured interleaved in one run mean something.",
+        "Absolute images/s move between runs on a shared machine (the load average is below), so only the "
+        "ratios measured interleaved in one run mean something.",
         "",
         f"Goals (issue 14), at batch {largest}: gated compiled reaches {GOAL_COMPILED} of the FLOPs ideal against "
         f"plain compiled; gated ONNX reaches {GOAL_ONNX} of it against plain ONNX.",
