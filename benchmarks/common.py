@@ -32,11 +32,12 @@ from timm_dgate.profiles import encode_thresholds
 from timm_dgate.scores import exit_score
 from timm_dgate.timing import Run
 
-ROOT = Path("runs/backbones")
+# trained backbones; DGATE_BACKBONES points every script at another set (a longer schedule) at once
+ROOT = Path(os.environ.get("DGATE_BACKBONES", "runs/backbones"))
 RECORDS = Path("runs/bench/plain")
 # the demo's recipe (one-cycle AdamW) run until validation accuracy plateaus: each backbone's training.json
 # holds its validation curve, and backbones.py reports the gain over the last 3 epochs (converged: under 0.2 pt)
-EPOCHS = {"resnet18": 15, "resnet50": 10, "convnext_atto": 15, "resnet10t": 12, "convnext_zepto_rms": 12}
+EPOCHS = {"resnet18": 25, "resnet50": 10, "convnext_atto": 15, "resnet10t": 12, "convnext_zepto_rms": 12}
 DEFAULT_EPOCHS = 12
 # gated model -> smaller static models of the same family it should beat
 STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
