@@ -7,7 +7,7 @@ docs/architecture.md maps the modules behind it.
 
 from .cache import FeatureCache, cache_features
 from .calibration import ExitTable, calibrate, tradeoff_curve
-from .cascade import Cascade, cascade, from_pretrained
+from .cascades import Cascade, cascade, from_pretrained
 from .config import DGateConfig
 from .discovery import Boundary, family_of, register_family
 from .engine import ExitResult

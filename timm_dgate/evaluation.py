@@ -23,7 +23,7 @@ from .reports import evaluation_table
 from .timing import interleaved, per_image
 
 if TYPE_CHECKING:
-    from .cascade import Cascade
+    from .cascades import Cascade
     from .model import GatedModel
 
 
