@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import timm_dgate
-from timm_dgate import HubFormatError
+from timm_dgate import HubFormatError, cli
 from timm_dgate.cascades import resize
 from timm_dgate.profiles import Profile
 
 from .helpers import SIZE, batches
+from .test_recipe import checkpoint, image_folder  # noqa: F401 - module fixtures, reused
 
 SMALL = (1, 16, 16)  # the cheap member reads the batch at half size
 BATCH = 24
@@ -230,3 +231,25 @@ def test_refusals_say_what_is_wrong(pair, x, tmp_path):
     (folder / "cascade_config.json").write_text(json.dumps({**manifest, "thresholds": [0.5]}))
     with pytest.raises(HubFormatError, match="thresholds"):
         timm_dgate.from_pretrained(folder)
+
+
+def test_cli_fits_a_cascade_then_evaluates_its_folder(tmp_path, image_folder, checkpoint, capsys):  # noqa: F811
+    """``timm-dgate fit --cascade a,b`` (the recipe) then ``timm-dgate eval`` on the folder it wrote."""
+    out = tmp_path / "run"
+    model = ["--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
+    data = ["--data-dir", str(image_folder), "--val-fraction", "0.25", "-j", "0", "-b", "64"]
+    argv = ["fit", "--cascade", "test_resnet,test_resnet", "--cascade-checkpoints", f"{checkpoint},{checkpoint}",
+            *model, *data, "--test-split", "validation", "--max-drop", "1", "--gate-kind", "ce",
+            "--gate-epochs", "20", "--timing-images", "32", "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    loaded = timm_dgate.from_pretrained(out / "hub")
+    assert isinstance(loaded, timm_dgate.Cascade) and list(loaded.profiles) == ["drop-1pt"]
+    assert [m.num_gates for m in loaded.members] == [0, 3]  # --cascade-gates last: only the big member is gated
+    results = json.loads((out / "results.json").read_text())
+    assert results["exits"] == loaded.exit_names and results["test"]["profiles"][0]["name"] == "drop-1pt"
+    capsys.readouterr()
+    assert cli.main(["eval", str(out / "hub"), *data, "--test-split", "validation", "--timing-images", "32"]) == 0
+    assert "drop-1pt" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--cascade", "test_resnet", *model, *data])  # one member is no cascade
+    assert "two or more" in capsys.readouterr().err
