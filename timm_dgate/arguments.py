@@ -20,7 +20,7 @@ DESCRIPTION = (
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (timm's create_model)")
-    group.add_argument("--model", required=True, help="timm architecture, e.g. resnet50")
+    group.add_argument("--model", default=None, help="timm architecture, e.g. resnet50 (or --cascade)")
     group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (Hub download)")
     group.add_argument("--initial-checkpoint", default="", help="local checkpoint to load (timm's load_checkpoint)")
     group.add_argument("--num-classes", type=int, default=None, help="classes of the model's head")
@@ -104,6 +104,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     gates.add_argument("--gate-lr", type=float, default=None,
                        help="Adam learning rate, cosine-decayed (default: the kind's, 0.2 linear, 0.01 MLP)")
     gates.add_argument("--gate-reg", type=float, default=1e-4, help="L2 weight lambda of ||W||^2")
+    add_cascade_arguments(parser)
     add_target_arguments(parser)
     add_chance_argument(parser)
     out = parser.add_argument_group("output")
@@ -113,8 +114,38 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
+    """A cascade of models instead of one (fields ``cascade*`` of :class:`timm_dgate.recipe.RecipeConfig`)."""
+    group = parser.add_argument_group("cascade (docs/cascades.md)")
+    group.add_argument("--cascade", type=_names, default=None, metavar="MODELS",
+                       help="comma-separated timm architectures, cheapest first (resnet10t,resnet50): fit and "
+                       "calibrate a cascade whose members' heads are exits, instead of --model")
+    group.add_argument("--cascade-checkpoints", type=_names, default=None, metavar="PATHS",
+                       help="comma-separated local checkpoints, one per --cascade member (instead of "
+                       "--initial-checkpoint)")
+    group.add_argument("--cascade-gates", choices=("last", "all", "none"), default="last",
+                       help="which members get gates (--gates places the last member's); the others answer at "
+                       "their heads only (default: last)")
+
+
 def check_fit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_target_arguments(parser, args)
+    if bool(args.model) == bool(args.cascade):
+        parser.error("give --model, or --cascade with two or more models (not both)")
+    if args.cascade is not None:
+        if len(args.cascade) < 2:
+            parser.error(f"--cascade needs two or more comma-separated models, cheapest first; got {args.cascade}")
+        if args.initial_checkpoint:
+            parser.error("with --cascade, give one checkpoint per member in --cascade-checkpoints")
+        if args.cascade_checkpoints and len(args.cascade_checkpoints) != len(args.cascade):
+            parser.error(f"--cascade-checkpoints has {len(args.cascade_checkpoints)} paths for "
+                         f"{len(args.cascade)} --cascade members")
+    elif args.cascade_checkpoints:
+        parser.error("--cascade-checkpoints goes with --cascade")
     if args.gate_epochs < 1 or (args.gate_lr is not None and args.gate_lr <= 0) or args.gate_reg < 0:
         parser.error("--gate-epochs and --gate-lr must be positive, --gate-reg not negative")
     if args.num_classes is not None and args.num_classes < 1:

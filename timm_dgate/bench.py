@@ -38,6 +38,8 @@ def throughput(
 ) -> list[Throughput]:
     """Images/s of each profile and of the plain model on ``images``, cut into batches of each size.
 
+    ``model`` is a :class:`~timm_dgate.GatedModel` or a :class:`~timm_dgate.Cascade` (plain: its last member).
+
     The model's thresholds, active profile and mode are left as they were.
     """
     rows = []
@@ -47,7 +49,7 @@ def throughput(
             batches = list(images.split(size))
             for name in profiles:
                 model.use_profile(name)
-                seconds = interleaved({"gated": (model, batches), "plain": (model.base_model, batches)}, repeats)
+                seconds = interleaved({"gated": (model, batches), "plain": (model.plain_forward, batches)}, repeats)
                 rows.append(
                     Throughput(size, name, 1 / per_image(seconds["gated"], batches),
                                1 / per_image(seconds["plain"], batches))

@@ -27,7 +27,7 @@ import torch
 
 from .cache import FeatureCache, cache_features, check_labels
 from .errors import CalibrationError, ChanceAccuracyError
-from .flops import GateCosts
+from .flops import CascadeCosts, GateCosts
 from .profiles import Profile
 from .scores import check_exit_score, exit_score
 
@@ -83,18 +83,21 @@ class ExitTable:
     """Validation outcome of exiting at each gate (rows 0..K-1) or the head (row K).
 
     ``scores``: ``(K, N)`` exit scores; ``correct``: ``(K + 1, N)`` whether that exit's
-    prediction is right; ``costs``: the model's FLOPs per exit.
+    prediction is right; ``costs``: the model's FLOPs per exit (a cascade's exits: its members'
+    gates and heads, :class:`~timm_dgate.flops.CascadeCosts`).
     """
 
     scores: torch.Tensor
     correct: torch.Tensor
-    costs: GateCosts
+    costs: GateCosts | CascadeCosts
 
     @classmethod
     def from_cache(cls, model: GatedModel, cache: FeatureCache, score: str | None = None) -> ExitTable:
         kind = check_exit_score(score or model.exit_score)
         margins = cache.margins(model.gates)
-        scores = torch.stack([exit_score(m, kind) for m in margins]).double()
+        scores = torch.stack([exit_score(m, kind) for m in margins]).double() if margins else (
+            torch.empty((0, len(cache.labels)), dtype=torch.float64)  # no gates: a cascade member's head only
+        )
         predictions = [m.argmax(1) for m in margins] + [cache.logits.argmax(1)]
         correct = torch.stack([p == cache.labels for p in predictions])
         return cls(scores, correct, model.costs)
@@ -377,6 +380,10 @@ def calibrate(
 ) -> Profile:
     """Choose thresholds on validation ``data`` (a loader or a validation :class:`FeatureCache`).
 
+    ``model`` is a :class:`~timm_dgate.GatedModel` or a :class:`~timm_dgate.Cascade`: its
+    ``validation_table`` turns ``data`` into the :class:`ExitTable` searched here, so one search
+    covers every exit of every member of a cascade.
+
     Give one target: ``max_drop`` (fraction below the plain model's validation accuracy,
     ``0.005`` = half a point), ``min_accuracy`` (fraction in [0, 1)) or ``max_gflops`` (average
     per image, gates included). The result is stored on the model as a named :class:`Profile`.
@@ -391,11 +398,10 @@ def calibrate(
     name); say which images they were, so that later calibrations can be checked against it.
     """
     target = Target(min_accuracy=min_accuracy, max_drop=max_drop, max_gflops=max_gflops, confidence=confidence)
-    cache = validation_cache(model, data)
     score = exit_score or model.exit_score
-    table = ExitTable.from_cache(model, cache, score)
+    table, data_split = model.validation_table(data, score)
     if not allow_chance_accuracy:
-        check_plain_accuracy(table.plain_accuracy, model.num_classes, cache.split, len(cache.labels))
+        check_plain_accuracy(table.plain_accuracy, model.num_classes, data_split, table.correct.shape[1])
     thresholds = search_thresholds(table, target, method)
     accuracy, gflops, fractions = table.evaluate(thresholds)
     profile = Profile(
@@ -403,7 +409,7 @@ def calibrate(
         thresholds=thresholds,
         exit_score=score,
         target=target.describe(),
-        split=split or cache.split,
+        split=split or data_split,
         val_accuracy=accuracy,
         val_gflops=gflops,
         val_plain_accuracy=table.plain_accuracy,

@@ -74,20 +74,22 @@ def _stages(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    """The saved gated model and its data, preprocessed as the backbone's saved config says."""
+    """The saved gated model or cascade and its data, preprocessed as the (last) backbone's saved config says."""
+    from .cascades import Cascade, from_pretrained
     from .datasets import DataConfig, RecipeData, data_config
-    from .model import GatedModel
 
-    gated = GatedModel.from_pretrained(args.folder)
+    gated = from_pretrained(args.folder)
     unknown = [p for p in getattr(args, "profile", None) or [] if p not in gated.profiles]
     if unknown:
         raise InputError(f"{args.folder} has no profile {', '.join(unknown)}; it has: {', '.join(gated.profiles)}")
-    return gated, RecipeData(DataConfig.from_args(args), data_config(gated.base_model, gated.input_size))
+    last = gated.members[-1] if isinstance(gated, Cascade) else gated  # a cascade resizes for the others
+    return gated, RecipeData(DataConfig.from_args(args), data_config(last.base_model, last.input_size))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .cache import cache_features
     from .calibration import calibrate_targets
+    from .cascades import Cascade
     from .datasets import VALIDATION
     from .reports import profiles_table
 
@@ -95,7 +97,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     data.check_same_holdout(gated.profiles.values())
     val = data.splits(need_test=False)["validation"]
     print(f"calibrating on {len(val)} validation images ({val.source})")
-    cache = cache_features(gated, data.loader(val), split="validation")
+    if isinstance(gated, Cascade):  # one pass per member, rows lined up
+        cache = gated.cache_features(data.loader(val), "validation")
+    else:
+        cache = cache_features(gated, data.loader(val), split="validation")
     profiles = calibrate_targets(
         gated, cache, f"{VALIDATION}{val.source}", args.max_drop, args.max_gflops, args.confidence,
         allow_chance_accuracy=args.allow_chance_accuracy,
@@ -138,15 +143,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from .cascades import Cascade, from_pretrained
     from .hub import PLOT_NAME
-    from .model import GatedModel
 
     folder = Path(args.folder)
-    gated = GatedModel.from_pretrained(folder)  # checks every file before anything is uploaded
+    gated = from_pretrained(folder)  # checks every file before anything is uploaded
     plot = folder / PLOT_NAME
+    extra = {} if isinstance(gated, Cascade) else {"tradeoff_plot": plot if plot.is_file() else None}
     info = gated.push_to_hub(
-        args.repo_id, private=args.private or None, revision=args.revision, token=args.token,
-        tradeoff_plot=plot if plot.is_file() else None,
+        args.repo_id, private=args.private or None, revision=args.revision, token=args.token, **extra
     )
     print(f"pushed {folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
@@ -155,7 +160,12 @@ def _push(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from .recipe import RecipeConfig, run_fit
 
-    return run_fit(RecipeConfig.from_args(args))
+    config = RecipeConfig.from_args(args)
+    if config.cascade:
+        from .cascade_recipe import run_cascade_fit
+
+        return run_cascade_fit(config)
+    return run_fit(config)
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -182,7 +192,9 @@ def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def _folder_command(sub, name: str, help: str, test_split: str = ""):
     command = sub.add_parser(name, help=help, description=help)
-    command.add_argument("folder", help="a gated model folder (save_pretrained, or OUTPUT/hub of `timm-dgate fit`)")
+    command.add_argument(
+        "folder", help="a gated model or cascade folder (save_pretrained, or OUTPUT/hub of `timm-dgate fit`)"
+    )
     add_data_arguments(command, test_split=test_split)
     return command
 
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="push a saved gated folder to the Hugging Face Hub",
                           description="Load a saved folder (which checks it), then push it to a Hub repo.")
-    push.add_argument("folder", help="a gated model folder")
+    push.add_argument("folder", help="a gated model or cascade folder")
     push.add_argument("repo_id", help="Hub repo, e.g. org/resnet50-dgate")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", default=None, help="branch to push to (created if needed)")

@@ -202,10 +202,11 @@ class ExitEngine:
             ]
         else:
             self._pre_hook_ids = []
+        self._attached = True  # not bool(hooks): an engine with no gates (a cascade member's head only) is attached
 
     @property
     def attached(self) -> bool:
-        return bool(self._hook_ids)
+        return self._attached
 
     def _hook(self, k: int, module: nn.Module, args: object, output: object) -> object:
         run = _RUNS.get().get(id(self))
@@ -249,3 +250,4 @@ class ExitEngine:
             module._forward_pre_hooks.pop(hook_id, None)
             module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
         self._hook_ids, self._pre_hook_ids = [], []
+        self._attached = False

@@ -23,6 +23,7 @@ from .reports import evaluation_table
 from .timing import interleaved, per_image
 
 if TYPE_CHECKING:
+    from .cascades import Cascade
     from .model import GatedModel
 
 
@@ -91,7 +92,7 @@ def kept_state(model: GatedModel) -> Iterator[None]:
 
 @torch.inference_mode()
 def evaluate(
-    model: GatedModel,
+    model: GatedModel | Cascade,
     data: Iterable,
     profiles: Sequence[str] | None = None,
     *,
@@ -103,6 +104,9 @@ def evaluate(
     allow_chance_accuracy: bool = False,
 ) -> EvalReport:
     """Run every profile (default: all stored) over ``data`` and time it against the plain model.
+
+    ``model`` is a :class:`~timm_dgate.GatedModel` or a :class:`~timm_dgate.Cascade` (whose
+    plain model is its last member alone).
 
     ``data`` yields ``(images, labels)`` batches and is iterated once per profile plus once
     for the plain model; its first ``timing_images`` images are preloaded for timing. With
@@ -116,7 +120,7 @@ def evaluate(
     """
     names = list(profiles if profiles is not None else model.profiles)
     device = next(model.parameters()).device
-    plain = model.base_model
+    plain = model.plain_forward  # a cascade's resizes the batch for its last member
     num_classes, head = model.num_classes, model.num_gates
     with kept_state(model):
         model.eval()

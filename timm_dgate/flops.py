@@ -126,3 +126,53 @@ def measure_costs(
     to_gate, outputs, backbone = costs_to(model, modules, input_size, parts)
     gate = tuple(count_flops(g, out) for g, out in zip(gates, outputs))
     return GateCosts(to_gate=to_gate, gate=gate, backbone=backbone)
+
+
+@dataclass(frozen=True)
+class CascadeCosts:
+    """FLOPs per image of a cascade: each member's :class:`GateCosts`, in run order.
+
+    Exits are numbered as the cascade runs them (member 0's gates, its head, member 1's gates,
+    ...); a member's head is one more exit whose cost is the whole member. A member whose exits
+    are all closed is skipped, so it costs nothing; the last member always runs for what reaches
+    it. It answers the same questions as :class:`GateCosts`, so one threshold search covers
+    every exit of every member; ``backbone`` is the last member's, the plain model a cascade
+    with every exit closed is.
+    """
+
+    members: tuple[GateCosts, ...]
+
+    @property
+    def num_gates(self) -> int:
+        """Thresholded exits: every member's gates and every head but the last."""
+        return sum(m.num_gates + 1 for m in self.members) - 1
+
+    @property
+    def backbone(self) -> float:
+        return self.members[-1].backbone
+
+    @property
+    def full(self) -> float:
+        """Every member and every gate run (what a sample pays when all exits are open and it leaves last)."""
+        return sum(m.full for m in self.members)
+
+    def exit_costs(self, open_gates: Sequence[bool] | None = None) -> torch.Tensor:
+        """Cost ``(K + 1,)`` of leaving at each exit: earlier members that run, paid whole, plus this one up to it."""
+        flags = list(open_gates) if open_gates is not None else [True] * self.num_gates
+        if len(flags) != self.num_gates:
+            raise ValueError(f"expected {self.num_gates} open flags (one per exit but the last), got {len(flags)}")
+        out, spent, start = [], 0.0, 0
+        for i, member in enumerate(self.members):
+            last = i == len(self.members) - 1
+            own = flags[start : start + member.num_gates + (0 if last else 1)]
+            start += len(own)
+            costs = member.exit_costs(own[: member.num_gates])
+            out.append(spent + costs)
+            if any(own):  # the member runs for everyone who gets past it
+                spent += costs[-1].item()
+        return torch.cat(out)
+
+    def average(self, exits: torch.Tensor, thresholds: Sequence[float] | None = None) -> float:
+        """Mean FLOPs per image of a run, given each sample's exit index and the thresholds in force."""
+        open_gates = None if thresholds is None else [t != math.inf for t in thresholds]
+        return self.exit_costs(open_gates)[exits.cpu()].mean().item()

@@ -129,9 +129,9 @@ def push_folder(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with TemporaryDirectory() as tmp:
         folder = write(Path(tmp), repo_id)
-        operations = [
-            CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-            for path in sorted(folder.iterdir())
+        operations = [  # sub-folders too: a cascade's members
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(folder.rglob("*"))
             if path.is_file()
         ]
         return api.create_commit(
@@ -251,7 +251,7 @@ def resolve_folder(
     patterns = [CONFIG_NAME, GATES_NAME, PROFILES_NAME]
     if need_backbone:  # absent from gates-only repos, so asking costs nothing there
         patterns += [BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME]
-    return _snapshot(str(name_or_path), patterns, revision, cache_dir, token, local_files_only)
+    return snapshot(str(name_or_path), patterns, revision, cache_dir, token, local_files_only)
 
 
 def read_folder(folder: Path) -> SavedGates:
@@ -327,7 +327,7 @@ def load_backbone(
     else:
         repo, rev = hf_split(config.base_model)
         patterns = [BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME]
-        source = _snapshot(repo, patterns, rev, cache_dir, token, local_files_only)
+        source = snapshot(repo, patterns, rev, cache_dir, token, local_files_only)
     for name in (BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME):
         if not (source / name).is_file():
             raise HubFormatError(f"the backbone's {name} is missing from {source} (timm_dgate loads only safetensors)")
@@ -375,7 +375,7 @@ def check_boundaries(found: DGateConfig, saved: DGateConfig, folder: Path) -> No
 # ---- small helpers ----------------------------------------------------------------------------
 
 
-def _snapshot(
+def snapshot(
     repo_id: str,
     patterns: list[str],
     revision: str | None,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import hub
-from .calibration import calibrate
+from .calibration import ExitTable, calibrate, validation_cache
 from .config import DGateConfig
 from .discovery import Boundary, block_boundaries, candidate_boundaries, model_name, select_boundaries
 from .engine import ExitEngine, ExitResult, threshold_decide
@@ -239,6 +239,12 @@ class GatedModel(nn.Module):
         """Choose thresholds on validation ``data`` and store them as a profile; see :func:`timm_dgate.calibrate`."""
         return calibrate(self, data, **target)
 
+    def validation_table(self, data: Any, exit_score: str | None = None) -> tuple[ExitTable, str]:
+        """What :func:`timm_dgate.calibrate` searches: every exit's score and correctness on validation ``data``
+        (a loader or a validation cache), and the split's name."""
+        cache = validation_cache(self, data)
+        return ExitTable.from_cache(self, cache, exit_score), cache.split
+
     # ---- running ----------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, return_exits: bool = False) -> torch.Tensor | ExitResult:
@@ -257,6 +263,10 @@ class GatedModel(nn.Module):
         decide = threshold_decide(self.gates, self.thresholds, partial(exit_score, kind=self.exit_score))
         result = self._engine.exit_forward(x, decide)
         return result if return_exits else result.logits
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain timm model's logits for every sample (no exits): what profiles are measured against."""
+        return self.base_model(x)
 
     def forward_pooled(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One full backbone pass: every gate's pooled input features and the final logits."""

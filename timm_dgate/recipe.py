@@ -44,7 +44,7 @@ RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 class RecipeConfig:
     """Everything one recipe run needs (the flags of ``recipes/fit.py``, typed)."""
 
-    model: str
+    model: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     pretrained: bool = False
     initial_checkpoint: str = ""
@@ -67,10 +67,16 @@ class RecipeConfig:
     timing_images: int = 1024
     push_to_hub: str | None = None
     allow_chance_accuracy: bool = False
+    cascade: tuple[str, ...] = ()  # members, cheapest first, instead of model (timm_dgate.cascade_recipe)
+    cascade_checkpoints: tuple[str, ...] = ()
+    cascade_gates: str = "last"
 
     def __post_init__(self) -> None:
         if self.initial_checkpoint and not Path(self.initial_checkpoint).is_file():
             raise InputError(f"--initial-checkpoint {self.initial_checkpoint} is not a file")
+        for path in self.cascade_checkpoints:
+            if path and not Path(path).is_file():
+                raise InputError(f"--cascade-checkpoints: {path} is not a file")
 
     @classmethod
     def from_args(cls, args: Any) -> RecipeConfig:
@@ -79,6 +85,9 @@ class RecipeConfig:
         for key in ("input_size", "mean", "std", "gates", "max_drop", "max_gflops"):
             if values[key] is not None:
                 values[key] = tuple(values[key])
+        values["model"] = values["model"] or ""
+        for key in ("cascade", "cascade_checkpoints"):
+            values[key] = tuple(values[key] or ())
         return cls(data=DataConfig.from_args(args), **values)
 
     @property
