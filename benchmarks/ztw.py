@@ -51,6 +51,7 @@ from timm_dgate.scores import exit_score
 from timm_dgate.training import _feature_stats, _GateTrainer
 
 MLP_HIDDEN = GATE_KINDS["mlp"].hidden
+GROUPS = ("baselines", "ensembles", "cascade-ce", "cascade-mlp")
 SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
@@ -142,6 +143,7 @@ def fit_heads(
     epochs: int,
     seed: int = 0,
     init: list[nn.Sequential | None] | None = None,
+    lr: float | None = None,
 ) -> list:
     """CE gates on ``features`` with the library's trainer (the ``ce`` / ``mlp`` kinds' loss, lr and schedule).
 
@@ -154,7 +156,7 @@ def fit_heads(
     device = torch.device("cpu")
     mean, std, total = _feature_stats([(features, labels)], reducer, device)
     trainer = _GateTrainer(
-        nn.ModuleList(gates), mean, std, "ce", MLP_LR if hidden else LINEAR_LR, 1e-4, reducer, device
+        nn.ModuleList(gates), mean, std, "ce", lr or (MLP_LR if hidden else LINEAR_LR), 1e-4, reducer, device
     )
     for head, start, m, sd in zip(trainer.heads, init or [], mean, std):
         if start is not None:
@@ -201,7 +203,12 @@ def apply(heads: list, features: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def fit_cascade(
-    train: FeatureCache, hidden: int, epochs: int, plain: list[nn.Sequential], previous_only: bool = False
+    train: FeatureCache,
+    hidden: int,
+    epochs: int,
+    plain: list[nn.Sequential],
+    previous_only: bool = False,
+    lr: float | None = None,
 ) -> list:
     """Gate k on ``[pooled_k, z_0, .., z_{k-1}]`` (or only ``z_{k-1}``), fit in order, earlier gates frozen.
 
@@ -212,7 +219,7 @@ def fit_cascade(
     heads, outputs = [plain[0]], [apply([plain[0]], [train.features[0]])[0]]
     for k in range(1, len(train.features)):
         inputs = torch.cat([train.features[k], *(outputs[-1:] if previous_only else outputs)], 1)
-        (head,) = fit_heads([inputs], train.labels, hidden, epochs, seed=k, init=[plain[k]])
+        (head,) = fit_heads([inputs], train.labels, hidden, epochs, seed=k, init=[plain[k]], lr=lr)
         heads.append(head)
         outputs.append(apply([head], [inputs])[0])
         before = (apply([plain[k]], [train.features[k]])[0].argmax(1) == train.labels).double().mean()
@@ -340,7 +347,9 @@ def run(args: argparse.Namespace) -> dict:
     widths = [f.shape[1] for f in train.features]
     mlp_gate = [linear_flops(w, num_classes, MLP_HIDDEN) for w in widths]
     lin_gate = list(costs.gate)
-    for kind in ("hinge", "ce", "mlp"):
+    group = args.only
+    needed = {"baselines": ("hinge", "ce", "mlp"), "ensembles": ("ce", "mlp"), "cascade-ce": ("ce",)}
+    for kind in needed.get(group, ("hinge", "ce", "mlp") if group == "all" else ("mlp",)):
         gates = library_gates(kind, train, args)
         keys = val_test if kind == "hinge" else ("train", *val_test)  # train: for ensembles and cascades
         plain[kind] = {key: cached[key].margins(gates) for key in keys} | {"gates": gates}
@@ -351,7 +360,8 @@ def run(args: argparse.Namespace) -> dict:
 
     result = {
         "model": args.model,
-        "epochs": args.cascade_epochs,
+        "cascade_epochs": args.cascade_epochs,
+        "cascade_lr": args.cascade_lr,
         "sizes": {k: len(c) for k, c in cached.items()},
         "plain": {
             "val_accuracy": (cached["val"].logits.argmax(1) == cached["val"].labels).double().mean().item(),
@@ -361,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": seconds,
         "methods": {},
     }
-    path = args.out / args.model / "ztw.json"
+    path = args.out / args.model / ("ztw.json" if group == "all" else f"ztw-{group}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(name: str, exits: Exits) -> None:
@@ -371,9 +381,9 @@ def run(args: argparse.Namespace) -> dict:
         print_row(name, result["methods"][name], flush=True)
 
     print_header(result)
-    for name, exits in methods.items():
+    for name, exits in methods.items() if group in ("all", "baselines") else ():
         record(name, exits)
-    for kind, gate in (("mlp", mlp_gate), ("ce", lin_gate)):
+    for kind, gate in (("mlp", mlp_gate), ("ce", lin_gate)) if group in ("all", "ensembles") else ():
         ensemble = timed(f"fit ensemble over {kind}", lambda k=kind: fit_ensemble(plain[k]["train"], train.labels))
         print(f"    weights {ensemble.w.detach().numpy().round(3).tolist()}", flush=True)
         with torch.no_grad():
@@ -381,12 +391,16 @@ def run(args: argparse.Namespace) -> dict:
         record(f"ensemble {kind}", Exits(out["val"], out["test"], "softmax", ensemble_costs(gate, costs, num_classes)))
 
     for hidden, label in ((0, "ce"), (MLP_HIDDEN, "mlp")):
+        if group not in ("all", f"cascade-{label}"):
+            continue
         for previous_only in (False, True) if hidden and args.previous_only else (False,):
             name = f"cascade {label}" + (" (previous gate only)" if previous_only else "")
             layers = [g.layers() for g in plain[label]["gates"]]
             heads = timed(
                 f"fit {name}",
-                lambda h=hidden, p=previous_only, g=layers: fit_cascade(train, h, args.cascade_epochs, g, p),
+                lambda h=hidden, p=previous_only, g=layers: fit_cascade(
+                    train, h, args.cascade_epochs, g, p, args.cascade_lr
+                ),
             )
             extra = [num_classes * (min(k, 1) if previous_only else k) for k in range(len(widths))]
             gate = [linear_flops(w + e, num_classes, hidden) for w, e in zip(widths, extra)]
@@ -449,16 +463,37 @@ def main(argv: list[str] | None = None) -> None:
         help="also the cascade variant where gate k reads only gate k-1's logits (ZTW's own wiring)",
     )
     parser.add_argument("--limit", type=int, default=None, help="rows of each cache (smoke runs)")
+    parser.add_argument(
+        "--only",
+        choices=("all", *GROUPS),
+        default="all",
+        help="one group of methods, into ztw-<group>.json (groups run in parallel; --merge joins them)",
+    )
+    parser.add_argument("--merge", action="store_true", help="join the groups' JSON into ztw.json and print it")
     parser.add_argument("--cache-only", action="store_true", help="make the caches and stop")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        merged: dict = {}
+        for group in GROUPS:
+            part = args.out / args.model / f"ztw-{group}.json"
+            if part.exists():
+                loaded = json.loads(part.read_text())
+                settings = {k: loaded.pop(k) for k in ("epochs", "cascade_epochs", "cascade_lr") if k in loaded}
+                merged = {
+                    **loaded,
+                    "methods": {**merged.get("methods", {}), **loaded["methods"]},
+                    "seconds": {**merged.get("seconds", {}), **loaded["seconds"]},
+                    "groups": {**merged.get("groups", {}), group: settings},
+                }
+        (args.out / args.model / "ztw.json").write_text(json.dumps(merged, indent=1))
+        print_table(merged)
+        return
     if args.cache_only:
         caches(args.model, args.backbones, args.cache_dir, args.input_size)
         return
-    result = run(args)
-    print_table(result)
-    print(f"wrote {args.out / args.model / 'ztw.json'}")
+    run(args)
 
 
 if __name__ == "__main__":
