@@ -7,8 +7,10 @@ pooled features concatenated with the logits of gates 0..k-1 (fit first, in orde
 the gates are fit (ZTW's normalised weighted geometric mean). Both are measured alone, for linear
 and MLP gates, and combined, beside hinge gates (the paper), linear CE gates with max-softmax
 (Shallow-Deep Networks) and MLP gates (the recipe's default), all on one train / validation /
-test cache of the same backbone, with the library's own fit (``_GateTrainer``: standardised
-features, full-batch Adam, cosine schedule, 300 epochs) and its own threshold search
+test cache of the same backbone, with the library's own trainer (``_GateTrainer``: standardised
+features, full-batch Adam, cosine schedule; a cascaded gate k >= 1 starts from the plain gate k
+with zero weight on the logits and is fine-tuned for ``--cascade-epochs`` at ``--cascade-lr``,
+gate 0 is the plain gate) and its own threshold search
 (``search_thresholds``, coordinate, the targets of ``DROPS``). Thresholds come from validation
 only; every reported number is on the 10,000 test images.
 
@@ -19,11 +21,14 @@ it never lets anybody out. A cascaded gate's own FLOPs are counted on its wider 
 ensemble's combination (``k + 1`` weighted log-softmax vectors) is counted at 2 FLOPs per
 multiply-add like everything else.
 
-    PYTHONPATH=. nice -n 19 /work/main/.venv/bin/python benchmarks/ztw.py \
-        --backbones /work/main/runs/backbones --out runs/bench/ztw
+    PYTHONPATH=. nice -n 19 /work/main/.venv/bin/python benchmarks/ztw.py --backbones /work/main/runs/backbones \
+        --gates-from /work/main/runs/bench/resnet18 --threads 1 --cascade-epochs 100 --cascade-lr 0.001
 
-writes ``<out>/resnet18/ztw.json`` and prints the table. The three caches are kept in ``--cache-dir``
-(default ``runs/ztw-cache``) and reused by later runs.
+writes ``<out>/resnet18/ztw.json`` (default out: ``runs/bench/ztw``) and prints the table; the
+numbers and what they mean are in docs/concepts.md ("Zero Time Waste's exits"). ``--gates-from``
+loads the hinge, CE and MLP gates compare.py fit (else they are fit here with ``fit_kind``). On a
+busy machine keep ``--threads 1``: with two threads the fits ran about ten times slower. The
+three caches are kept in ``--cache-dir`` (default ``runs/ztw-cache``) and reused by later runs.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from common import load_trained
 from torch import nn
 
 from timm_dgate import FeatureCache, cache_features, wrap
-from timm_dgate.calibration import ExitTable, Target, search_thresholds
+from timm_dgate.calibration import ExitTable, Target, measured_tradeoff, search_thresholds
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.distributed import Reducer
 from timm_dgate.fashion_mnist import TensorBatches, load_splits
@@ -51,6 +56,7 @@ from timm_dgate.scores import exit_score
 from timm_dgate.training import _feature_stats, _GateTrainer
 
 MLP_HIDDEN = GATE_KINDS["mlp"].hidden
+CURVE_FLOORS = {"iso": 0.001, "-0.5pt": 0.005}  # test accuracy floors (as DROPS) for the descriptive curve read
 GROUPS = ("baselines", "ensembles", "cascade-ce", "cascade-mlp")
 SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
@@ -311,7 +317,17 @@ def measure(exits: Exits, caches: dict[str, FeatureCache]) -> dict:
             "exit_fractions": fractions.tolist(),
         }
     gate_acc = [(o.argmax(1) == caches["test"].labels).double().mean().item() for o in exits.test]
+    curve = measured_tradeoff(val, test)  # the front chosen on validation, scored on test (compare.py's curve)
+    at_equal = {  # descriptive, not deployable: the best point of that curve at or above each test accuracy
+        label: max(
+            (100 * (1 - g * 1e9 / base) for a, g in curve if a >= test.plain_accuracy - drop + 0.001 - 1e-12),
+            default=None,
+        )
+        for label, drop in CURVE_FLOORS.items()
+    }
     return {
+        "curve": curve,
+        "saved_at_test_accuracy": at_equal,
         "score": exits.score,
         "gate_flops": list(exits.costs.gate),
         "combine_flops": list(getattr(exits.costs, "combine", [])),
@@ -384,7 +400,10 @@ def run(args: argparse.Namespace) -> dict:
     for name, exits in methods.items() if group in ("all", "baselines") else ():
         record(name, exits)
     for kind, gate in (("mlp", mlp_gate), ("ce", lin_gate)) if group in ("all", "ensembles") else ():
-        ensemble = timed(f"fit ensemble over {kind}", lambda k=kind: fit_ensemble(plain[k]["train"], train.labels))
+        ensemble = timed(
+            f"fit ensemble over {kind}",
+            lambda k=kind: fit_ensemble(plain[k]["train"], train.labels, args.ensemble_steps),
+        )
         print(f"    weights {ensemble.w.detach().numpy().round(3).tolist()}", flush=True)
         with torch.no_grad():
             out = {key: ensemble(plain[kind][key]) for key in val_test}
@@ -407,7 +426,10 @@ def run(args: argparse.Namespace) -> dict:
             out = {key: cascade_outputs(heads, cached[key], previous_only) for key in ("train", *val_test)}
             record(name, Exits(out["val"], out["test"], "softmax", CascadeCosts(costs.to_gate, gate, costs.backbone)))
             if not previous_only:
-                ensemble = timed(f"fit ensemble over {name}", lambda o=out: fit_ensemble(o["train"], train.labels))
+                ensemble = timed(
+                    f"fit ensemble over {name}",
+                    lambda o=out: fit_ensemble(o["train"], train.labels, args.ensemble_steps),
+                )
                 print(f"    weights {ensemble.w.detach().numpy().round(3).tolist()}", flush=True)
                 with torch.no_grad():
                     ens = {key: ensemble(out[key]) for key in val_test}
@@ -421,13 +443,18 @@ def print_header(result: dict) -> None:
         f"\n{result['model']}: plain test accuracy {100 * result['plain']['accuracy']:.2f}%, "
         f"{result['plain']['gflops']:.4f} GFLOPs. Cell: test accuracy change (pt) / FLOPs saved (%)"
     )
-    print(f"{'method':34s}" + "".join(f"{label:>16s}" for label in DROPS) + "   test gate accuracy (%)")
+    print(
+        f"{'method':34s}"
+        + "".join(f"{label:>16s}" for label in DROPS)
+        + "   test gate accuracy (%)   curve: saved at test accuracy >= plain - 0.1 / 0.5 pt"
+    )
 
 
 def print_row(name: str, m: dict, flush: bool = False) -> None:
     cells = "".join(f"{m['points'][t]['delta_pt']:+7.2f} / {m['points'][t]['flops_saved']:5.1f}" for t in DROPS)
     gates = " ".join(f"{100 * a:.1f}" for a in m["test_gate_accuracy"])
-    print(f"{name:34s}{cells}   {gates}", flush=flush)
+    curve = " ".join("-" if v is None else f"{v:.1f}" for v in m.get("saved_at_test_accuracy", {}).values())
+    print(f"{name:34s}{cells}   {gates}   curve: {curve}", flush=flush)
 
 
 def print_table(result: dict) -> None:
@@ -463,6 +490,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also the cascade variant where gate k reads only gate k-1's logits (ZTW's own wiring)",
     )
     parser.add_argument("--limit", type=int, default=None, help="rows of each cache (smoke runs)")
+    parser.add_argument("--ensemble-steps", type=int, default=300, help="Adam steps of each ensemble's fit")
+    parser.add_argument(
+        "--cascade-lr",
+        type=float,
+        default=None,
+        help="Adam lr of the cascaded gates' fine-tune (default: the kind's own, 0.2 linear, 0.01 MLP)",
+    )
     parser.add_argument(
         "--only",
         choices=("all", *GROUPS),
