@@ -281,7 +281,8 @@ def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; timm {meta['timm']}, torch {meta['torch']}, Python {meta['python']}; "
-        f"per-family cap {meta['cap']:.0f} s on one thread; sweep took {meta['seconds'] / 60:.1f} min",
+        f"per-family cap {meta['cap']:.0f} s on one thread; sweep took {meta['seconds'] / 60:.1f} min"
+        + (f" (after {meta['resumed']} families kept from a cut-short sweep)" if meta.get("resumed") else ""),
         "",
         "## Summary",
         "",
@@ -296,6 +297,12 @@ def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]
     path.write_text("\n".join(doc))
 
 
+def earlier_rows(log: Path) -> dict[str, dict]:
+    """Rows a cut-short sweep printed, by family, without the skipped ones (a cap or crash is worth a retry)."""
+    rows = (json.loads(line) for line in log.read_text().splitlines() if line.startswith("{"))
+    return {row["family"]: row for row in rows if row.get("status") != "skipped"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", help="timm module names (default: all)")
@@ -303,21 +310,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="docs/architectures.md")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--from-json", default=None, help="only rewrite the doc from earlier raw results")
+    parser.add_argument("--resume", default=None,
+                        help="the printed rows of a cut-short sweep (one JSON per line): families done there are "
+                             "kept, skipped ones run again")
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         write_doc(saved["rows"], Path(args.output), saved["meta"])
         return
     families = args.families or sorted(timm.list_modules())
+    done = earlier_rows(Path(args.resume)) if args.resume else {}
     start, rows = time.perf_counter(), []
     for module in families:
-        row = run_capped(module, args.cap)
+        row = done.get(module) or run_capped(module, args.cap)
         rows.append(row)
         print(json.dumps(row, default=str), flush=True)
     meta = {
         "command": " ".join(["python", *sys.argv]), "cap": args.cap, "seconds": time.perf_counter() - start,
         "date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "resumed": len(done),
     }
     write_doc(rows, Path(args.output), meta)
     if args.json:
