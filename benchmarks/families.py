@@ -17,13 +17,14 @@ import datetime
 import json
 import multiprocessing as mp
 import platform
+import queue
 import re
 import sys
 import time
 import traceback
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import timm
@@ -123,7 +124,7 @@ def runnable_model(name: str, sizes: Iterable[int | None]) -> tuple[torch.nn.Mod
     raise RuntimeError("; ".join(errors))
 
 
-def sweep_one(module: str, name: str | None) -> dict[str, object]:
+def sweep_one(module: str, name: str | None, partial: Callable[[dict], None] = lambda row: None) -> dict[str, object]:
     """Everything the doc says about one family: the model, its boundaries, and wrap's verdict."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -149,6 +150,7 @@ def sweep_one(module: str, name: str | None) -> dict[str, object]:
     try:
         gated = timm_dgate.wrap(model, input_size=input_size)
         row |= {"status": "ok", "gates": [describe(b) for b in gated.boundaries]}
+        partial(row | {"compiles": "not checked: the check ran past the cap"})  # the slowest step comes last
         row["compiles"] = compile_problem(gated) or "yes"
     except timm_dgate.UnsupportedModelError as error:
         row |= {"status": "refused", "reason": error.reason, "boundary": error.boundary}
@@ -167,29 +169,33 @@ def describe(b: timm_dgate.Boundary) -> str:
     return f"{b.name} ({', '.join(notes)})"
 
 
-def _child(module: str, name: str | None, queue: mp.Queue) -> None:
+def _child(module: str, name: str | None, results: mp.Queue) -> None:
     try:
-        queue.put(sweep_one(module, name))
+        results.put(("final", sweep_one(module, name, lambda row: results.put(("partial", row)))))
     except BaseException as error:
-        queue.put({"family": module, "model": name, "status": "skipped",
-                   "reason": f"sweep crashed: {error!r}"[:300], "trace": traceback.format_exc()[-600:]})
+        results.put(("final", {"family": module, "model": name, "status": "skipped",
+                               "reason": f"sweep crashed: {error!r}"[:300], "trace": traceback.format_exc()[-600:]}))
 
 
 def run_capped(module: str, cap: float) -> dict[str, object]:
     """``sweep_one`` in a forked child, killed after ``cap`` seconds (the model is picked here, on meta)."""
     name = pick_model(module)
     ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(module, name, queue), daemon=True)
-    start = time.perf_counter()
+    results = ctx.Queue()
+    child = ctx.Process(target=_child, args=(module, name, results), daemon=True)
+    deadline = time.perf_counter() + cap
     child.start()
-    while child.is_alive() and queue.empty() and time.perf_counter() - start < cap:
-        time.sleep(0.2)
-    try:
-        row = queue.get(timeout=5)
-    except Exception:
-        row = {"family": module, "model": name, "status": "skipped",
-               "reason": f"no result within the {cap:.0f} s cap (one thread)"}
+    row = {"family": module, "model": name, "status": "skipped",
+           "reason": f"no result within the {cap:.0f} s cap (one thread)"}
+    while (left := deadline - time.perf_counter()) > 0:  # the last row the child sent before the cap
+        try:
+            stage, row = results.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            if not child.is_alive() and results.empty():
+                break
+            continue
+        if stage == "final":
+            break
     if child.is_alive():
         child.kill()
     child.join()
