@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
               f"- date: results written {stamps[0] if stamps else '?'} to {stamps[-1] if stamps else '?'} (UTC)",
               f"- machine: {env} (lscpu model, cores, threads; load average when timing started)",
               f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-              "- results: `runs/bench/<model>/results.json` and `speed.json`, `runs/bench/plain/<model>.json`",
+              f"- results: `{args.results}/<model>/results.json` and `speed.json`, `{RECORDS}/<model>.json`",
               ""]
     text = "\n".join(parts) + ("\n" + kept if kept else "")
     args.out.write_text(text)
