@@ -150,3 +150,29 @@ def test_unfused_attention_restores_flags_after_an_error():
         assert not any(m.fused_attn for m in attention)
         raise RuntimeError("boom")
     assert all(m.fused_attn is True for m in attention)
+
+
+class _ClassTokenNet(torch.nn.Module):
+    """CaiT's pattern: a parameter expanded to the batch and handed to a block as an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.embed = torch.nn.Linear(4, 8)
+        self.block = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.flatten(2).transpose(1, 2))
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # under no_grad: requires grad, no grad_fn
+        return self.block(cls) + tokens.mean(1, keepdim=True)
+
+
+def test_costs_count_a_forward_that_hands_an_expanded_parameter_to_a_module():
+    from timm_dgate.flops import costs_to
+
+    net = _ClassTokenNet().eval()
+    with torch.no_grad():  # as users call it; the counter's module tracker must not trip on the expanded view
+        to_gate, features, total = costs_to(net, ["embed"], (4, 2, 2))
+    assert features[0].shape == (1, 4, 8) and not features[0].requires_grad
+    assert to_gate[0] == 2 * 4 * 4 * 8  # the embedding alone: 4 tokens x 4 -> 8
+    assert total == to_gate[0] + 2 * 8 * 8  # plus the block on the class token

@@ -80,12 +80,16 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-@torch.no_grad()
 def costs_to(
     model: nn.Module, modules: Sequence[str], input_size: Sequence[int], parts: Sequence[int | None] | None = None
 ) -> tuple[tuple[float, ...], list[torch.Tensor], float]:
     """One counted pass: FLOPs up to each of ``modules``, what each emits there (the element ``parts[k]``
-    of a tuple or list output), and the whole backbone's FLOPs."""
+    of a tuple or list output), and the whole backbone's FLOPs.
+
+    Runs with autograd on (one image): FlopCounterMode's module tracker hooks every tensor that
+    requires grad, and under ``no_grad`` a view of a parameter (CaiT's ``cls_token.expand``)
+    requires grad without a grad_fn, which the tracker cannot hook.
+    """
     parts = list(parts) if parts is not None else [None] * len(modules)
     param = next(model.parameters())
     x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
@@ -94,6 +98,7 @@ def costs_to(
 
     def snapshot(k: int, module: nn.Module, args: object, output: object) -> None:
         feature = output if parts[k] is None else output[parts[k]]  # type: ignore[index]
+        feature = feature.detach() if isinstance(feature, torch.Tensor) else feature
         snapshots.setdefault(k, (float(counter.get_total_flops()), feature))
 
     handles = [
@@ -105,7 +110,7 @@ def costs_to(
     was_training = model.training
     model.eval()
     try:
-        with unfused_attention(model), counter:
+        with unfused_attention(model), torch.enable_grad(), counter:
             model(x)
     finally:
         for handle in handles:
