@@ -269,6 +269,21 @@ def summary(rows: list[dict[str, object]]) -> list[str]:
     return lines
 
 
+def compile_summary(rows: list[dict[str, object]]) -> list[str]:
+    """One line on ``gated.compile()`` over the wrapped families (the "compiles" column, by outcome)."""
+    checked = [r for r in rows if "compiles" in r]
+    by_outcome: dict[str, list[str]] = defaultdict(list)
+    for r in checked:
+        outcome = str(r["compiles"])
+        key = "yes" if outcome == "yes" else outcome.split(" (")[0].split(":")[0]
+        by_outcome[key].append(str(r["family"]))
+    clean = len(by_outcome.pop("yes", []))
+    others = "; ".join(f"{key} ({len(names)}): {', '.join(names)}" for key, names in by_outcome.items())
+    return [f"- `gated.compile()` (`timm_dgate.segments.compile_problem`, the \"compiles\" column): {clean} of "
+            f"{len(checked)} wrapped families compile with no graph break and no new graph for new batch sizes "
+            f"and exit patterns, outputs equal to eager" + (f"; the others: {others}." if others else ".")]
+
+
 def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]) -> None:
     """docs/architectures.md from the rows and how they were made (command, versions, cap, duration)."""
     doc = [
@@ -288,11 +303,13 @@ def write_doc(rows: list[dict[str, object]], path: Path, meta: dict[str, object]
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; timm {meta['timm']}, torch {meta['torch']}, Python {meta['python']}; "
         f"per-family cap {meta['cap']:.0f} s on one thread; sweep took {meta['seconds'] / 60:.1f} min"
-        + (f" (after {meta['resumed']} families kept from a cut-short sweep)" if meta.get("resumed") else ""),
+        + (f" (after {meta['resumed']} families kept from a cut-short sweep)" if meta.get("resumed") else "")
+        + (f"; {meta['note']}" if meta.get("note") else ""),
         "",
         "## Summary",
         "",
         *summary(rows),
+        *compile_summary(rows),
         "",
         "## Per family",
         "",
