@@ -6,7 +6,8 @@ most about 10% of the time; without ``confidence`` about half the time. This scr
 both: the gates are fit once on the training split, then the 15,000 validation and test
 images are pooled and re-split at random 50 times into 5,000 for calibration and 10,000 for
 scoring. A miss: the profile's test accuracy is below the plain model's test accuracy minus
-the allowed drop. Writes ``runs/bench/guarantee/<model>.json``, which ``report.py`` reads.
+the allowed drop. Writes ``runs/bench/guarantee/<model>.json`` (``--out``), which ``report.py`` reads from
+``<results>/guarantee/``.
 
     .venv/bin/python benchmarks/guarantee.py --model resnet18
 """

@@ -270,6 +270,26 @@ def machine_readable(results: list[dict], speeds: dict[str, dict], records: dict
     return out
 
 
+def guarantee_table(guarantees: list[dict]) -> str:
+    """``guarantee.py``'s miss rates: how often a profile fell below its target on re-split test data."""
+    lines = ["| model | gate kind | target | confidence asked | missed the target on test | mean FLOPs saved |",
+             "|---|---|---|---|---|---|"]
+    for g in guarantees:
+        for row in g["rows"]:
+            asked = f"{row['confidence']:g}" if row["confidence"] is not None else "none (plain search)"
+            target = f"−{row['drop_points']:g} pt" if row["drop_points"] else "iso (no drop)"
+            lines.append(f"| {g['model']} | {g['kind']} | {target} | {asked} "
+                         f"| {100 * row['miss_rate']:.0f}% of {g['resplits']} re-splits "
+                         f"| {100 * row['mean_flops_saved']:.1f}% |")
+    first = guarantees[0]
+    return "\n".join([*lines, "", f"`benchmarks/guarantee.py`: gates fit once on train; the validation and test "
+                       f"images pooled and re-split {first['resplits']} times at random into "
+                       f"{first['calibration_images']:,} for calibration and the rest for scoring. A miss: test "
+                       "accuracy below the plain model's minus the allowed drop. `confidence=c` asks the target to "
+                       "hold for the validation estimate's lower confidence bound, so it should miss at most about "
+                       "1 − c of the time."])
+
+
 def setup_table(results: list[dict], records: dict[str, dict]) -> str:
     """The backbones (gated and static): training, convergence, plain accuracy, FLOPs, and where the exits sit."""
     lines = ["| model | training epochs · time | validation gain over the last 3 epochs | val accuracy | "
@@ -360,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
                       + " kFLOPs).", ""]
         if name in speeds:
             parts += ["### Wall-clock", "", speed_table(speeds[name]), ""]
+    guarantees = [g for name in args.models if (g := load(args.results / "guarantee" / f"{name}.json"))]
+    if guarantees:
+        parts += ["## Does a profile keep its target on new data?", "", guarantee_table(guarantees), ""]
     train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
     parts += ["## Cost of fitting", "", fit_table(results), "",
               f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
