@@ -75,11 +75,13 @@ def backbone_folder(name: str, root: Path = ROOT) -> Path:
     return root / name
 
 
-def load_backbone(name: str, splits: Splits, root: Path = ROOT, epochs: int | None = None) -> nn.Module:
-    """The cached trained ``name`` (trained now if missing, for ``epochs`` or ``EPOCHS``), in eval mode."""
+def load_backbone(
+    name: str, splits: Splits, root: Path = ROOT, epochs: int | None = None, device: str = "cpu"
+) -> nn.Module:
+    """The cached trained ``name`` (trained now on ``device`` if missing, for ``epochs`` or ``EPOCHS``), in eval mode."""
     epochs = epochs or EPOCHS.get(name, DEFAULT_EPOCHS)
     folder = backbone_folder(name, root)
-    return cached_backbone(name, splits.train, folder, epochs=epochs, val=splits.val).eval()
+    return cached_backbone(name, splits.train, folder, epochs=epochs, val=splits.val, device=device).eval()
 
 
 def load_trained(name: str, root: Path = ROOT) -> nn.Module:

@@ -96,7 +96,8 @@ def load_splits(
 def preprocess(images: torch.Tensor, size: int = 32, augment: bool = False) -> torch.Tensor:
     """uint8 ``(B, 1, 28, 28)`` -> normalised float ``(B, 1, size, size)``, zero-padded.
 
-    ``augment`` adds a random 4-pixel shift and a horizontal flip (training only).
+    ``augment`` adds a random 4-pixel shift and a horizontal flip (training only). Runs on the
+    images' device, so a GPU run preprocesses on the GPU.
     """
     x = (images.float() / 255.0 - MEAN) / STD
     pad = (size - x.shape[-1]) // 2
@@ -107,7 +108,7 @@ def preprocess(images: torch.Tensor, size: int = 32, augment: bool = False) -> t
         x = torch.nn.functional.pad(x, (shift,) * 4, value=-MEAN / STD)
         i, j = torch.randint(0, 2 * shift + 1, (2,)).tolist()
         x = x[..., i : i + size, j : j + size]
-        flip = torch.rand(x.shape[0]) < 0.5
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
         x[flip] = x[flip].flip(-1)
     return x.contiguous()
 
