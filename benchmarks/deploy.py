@@ -18,7 +18,15 @@ weights: the executor's speed does not depend on what the weights learned, only 
 exit. ``--compile-paths`` also compares ``gated.compile()`` with ``torch.compile(gated)`` (graphs and
 seconds over batches of changing sizes) on a tiny model.
 
+``--device cuda`` moves the models and the images to the GPU and times everything there
+(``timm_dgate.timing`` synchronises CUDA); ONNX then runs on onnxruntime's CUDAExecutionProvider
+(``onnxruntime-gpu``; without it, asking for ONNX on CUDA fails at start), its inputs and outputs
+going through host memory as ``OnnxGatedModel``'s do. ``--modes`` picks what is built and timed
+(default: all three); the document holds one run, on one device.
+
     .venv/bin/python benchmarks/deploy.py --models resnet18 resnet50 convnext_atto --output docs/benchmarks-deploy.md
+    .venv/bin/python benchmarks/deploy.py --device cuda --modes eager compiled --models resnet50 convnext_atto \
+        --batch-sizes 1 256 1024 --output docs/benchmarks-deploy-gpu.md
 """
 
 from __future__ import annotations
@@ -42,38 +50,58 @@ from torch._dynamo.utils import counters
 import timm_dgate
 from timm_dgate.runtime import OnnxGatedModel
 from timm_dgate.segments import Chain, exit_chain
-from timm_dgate.timing import interleaved, paired_ratio
+from timm_dgate.timing import Run, interleaved, paired_ratio, time_pass
 
-GOAL_COMPILED, GOAL_ONNX = 0.85, 0.8  # fractions of the FLOPs ideal speed-up at the largest batch (issue 14)
+MODES = ("eager", "compiled", "ONNX")
+GOALS = {"compiled": 0.85, "ONNX": 0.8}  # fractions of the FLOPs ideal speed-up at the largest batch (issue 14)
+VARIANT_COUNTS = {1: "two", 2: "four", 3: "six"}  # variants timed side by side (plain and gated) per number of modes
 
 
-def build(name: str, input_size: tuple[int, int, int]) -> tuple[torch.nn.Module, timm_dgate.GatedModel]:
-    """A random-init timm model and a gated copy of it with random gate weights (both in eval mode)."""
+def build(name: str, input_size: tuple[int, int, int],
+          device: torch.device) -> tuple[torch.nn.Module, timm_dgate.GatedModel]:
+    """A random-init timm model and a gated copy of it with random gate weights (both in eval mode, on ``device``).
+
+    Wrapped on the CPU (FLOPs are counted there), then moved.
+    """
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, in_chans=input_size[0]).eval()
     gated = timm_dgate.wrap(copy.deepcopy(model), input_size=input_size)
     for gate in gated.gates:
         torch.nn.init.normal_(gate.fc.weight, std=0.1)
-    return model, gated
+    return model.to(device), gated.to(device)
 
 
-def first_call_seconds(run, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        run(x)
-    return time.perf_counter() - start
+def onnx_providers(device: torch.device) -> list[str]:
+    """onnxruntime's execution providers for ``device``; on CUDA, SystemExit where onnxruntime cannot run there."""
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise SystemExit(f"ONNX on {device} needs onnxruntime's CUDAExecutionProvider (pip install onnxruntime-gpu); "
+                         f"this onnxruntime has {', '.join(available)}. Leave ONNX out of --modes or install it.")
+    if device.index not in (None, 0):  # the provider's default device_id; the sessions take provider names only
+        raise SystemExit(f"ONNX on {device}: onnxruntime's CUDAExecutionProvider runs on cuda:0 here; "
+                         "pick that device (CUDA_VISIBLE_DEVICES) or leave ONNX out of --modes.")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def plain_onnx(model: torch.nn.Module, example: torch.Tensor, folder: Path):
-    """The whole plain model as one ONNX file with a dynamic batch axis, run by onnxruntime as a user would."""
+def plain_onnx(model: torch.nn.Module, example: torch.Tensor, folder: Path, providers: list[str]) -> Run:
+    """The whole plain model as one ONNX file with a dynamic batch axis, run by onnxruntime as a user would.
+
+    Inputs and outputs go through host memory, as in ``OnnxGatedModel``'s segments.
+    """
     path = folder / "plain.onnx"
     torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False,
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # default options: as users run it
+    session = ort.InferenceSession(str(path), providers=providers)  # default options: as users run it
+    if session.get_providers()[0] != providers[0]:  # onnxruntime falls back to the CPU with a mere warning
+        raise RuntimeError(f"onnxruntime could not start {providers[0]} (session has {session.get_providers()})")
     name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]).to(x.device)
 
 
 def ideal_speedup(gated: timm_dgate.GatedModel, images: torch.Tensor) -> float:
@@ -127,8 +155,8 @@ def with_thresholds(run, thresholds: list[float]):
     return call
 
 
-def time_ideals(runs: dict[str, object], batches: list[torch.Tensor], half: list[float], leave: float,
-                repeats: int) -> dict[str, float]:
+def time_ideals(runs: dict[str, Run], modes: list[str], batches: list[torch.Tensor], half: list[float],
+                leave: float, repeats: int) -> dict[str, float]:
     """Per mode, the speed-up the exits would give if splitting the batch cost nothing.
 
     The FLOPs ideal assumes time follows FLOPs; the stem and first stage are memory-bound, so it
@@ -140,7 +168,7 @@ def time_ideals(runs: dict[str, object], batches: list[torch.Tensor], half: list
     closed = [math.inf] * len(half)
     at_gate_0 = [-math.inf, *closed[1:]]
     ideals = {}
-    for mode in ("eager", "compiled", "ONNX"):
+    for mode in modes:
         gated = runs[f"gated {mode}"]
         seconds = interleaved({"plain": (runs[f"plain {mode}"], batches),
                                "closed": (with_thresholds(gated, closed), batches),
@@ -153,40 +181,46 @@ def time_ideals(runs: dict[str, object], batches: list[torch.Tensor], half: list
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     input_size = (args.in_chans, args.input_size, args.input_size)
-    plain, gated = build(name, input_size)
-    images = torch.randn(args.images, *input_size, generator=torch.Generator().manual_seed(1))
+    plain, gated = build(name, input_size, args.device)
+    images = torch.randn(args.images, *input_size, generator=torch.Generator().manual_seed(1)).to(args.device)
     half = list(half_exit_thresholds(gated, images))
     gated.set_thresholds(half)
-    plain_compiled = torch.compile(copy.deepcopy(plain), dynamic=True)
-    gated_compiled = copy.deepcopy(gated)
-    segments = gated_compiled.compile()
     probe = images[: max(args.batch_sizes)]
-    compile_s = {"plain compiled": first_call_seconds(plain_compiled, probe),
-                 "gated compiled": first_call_seconds(gated_compiled, probe), "segments": len(segments)}
+    compile_s: dict[str, float] = {}
+    runs: dict[str, Run] = {}  # plain variants first, then gated, each in the order of MODES
+    gated_runs: dict[str, Run] = {}
+    if "eager" in args.modes:
+        runs["plain eager"], gated_runs["gated eager"] = plain, gated
+    if "compiled" in args.modes:
+        runs["plain compiled"] = torch.compile(copy.deepcopy(plain), dynamic=True)
+        gated_runs["gated compiled"] = copy.deepcopy(gated)
+        compile_s["segments"] = len(gated_runs["gated compiled"].compile())
+        compile_s["plain compiled"] = time_pass(runs["plain compiled"], [probe])
+        compile_s["gated compiled"] = time_pass(gated_runs["gated compiled"], [probe])
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        plain_ort = plain_onnx(plain, images[:2], Path(tmp))
-        timm_dgate.export(gated, Path(tmp) / "gated")
-        compile_s["export"] = time.perf_counter() - start
-        runs = {"plain eager": plain, "plain compiled": plain_compiled, "plain ONNX": plain_ort,
-                "gated eager": gated, "gated compiled": gated_compiled,
-                "gated ONNX": OnnxGatedModel(Path(tmp) / "gated")}
+        if "ONNX" in args.modes:
+            start = time.perf_counter()
+            runs["plain ONNX"] = plain_onnx(plain, images[:2], Path(tmp), args.providers)
+            timm_dgate.export(gated, Path(tmp) / "gated")
+            compile_s["export"] = time.perf_counter() - start
+            gated_runs["gated ONNX"] = OnnxGatedModel(Path(tmp) / "gated", providers=args.providers)
+        runs.update(gated_runs)
         rows = []
         for batch in args.batch_sizes:
             timed = images[: args.batch1_images] if batch == 1 else images
             batches = list(timed.split(batch))
             for run in runs.values():  # every compiled shape bucket warm before timing
-                first_call_seconds(run, batches[0])
+                time_pass(run, batches[:1])
             seconds = interleaved({n: (run, batches) for n, run in runs.items()}, args.repeats)
             row = {"batch": batch, "ideal": ideal_speedup(gated, timed),
                    **{f"{n} img/s": len(timed) / statistics.median(s) for n, s in seconds.items()}}
-            for mode in ("eager", "compiled", "ONNX"):
+            for mode in args.modes:
                 row[f"{mode} speed-up"] = paired_ratio(seconds[f"plain {mode}"], seconds[f"gated {mode}"])
             rows.append(row)
             print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
         with torch.inference_mode():
             leave = (gated(images, return_exits=True).exits == 0).float().mean().item()
-        ideals = time_ideals(runs, list(images.split(max(args.batch_sizes))), half, leave, args.repeats)
+        ideals = time_ideals(runs, args.modes, list(images.split(max(args.batch_sizes))), half, leave, args.repeats)
         print(name, "time ideals", ideals, flush=True)
     largest = max(args.batch_sizes)
     big = images[:largest]
@@ -207,8 +241,8 @@ def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
     first_sizes = [1, 16, 37, 64, 5, 128, 200, 9, 256, 77, 3, 150]
     new_sizes = [2, 23, 50, 99, 7, 180, 31, 240, 11, 60, 130, 4]
     input_size = (args.in_chans, args.input_size, args.input_size)
-    _, gated = build("test_resnet", input_size)
-    images = torch.randn(256, *input_size, generator=torch.Generator().manual_seed(1))
+    _, gated = build("test_resnet", input_size, args.device)
+    images = torch.randn(256, *input_size, generator=torch.Generator().manual_seed(1)).to(args.device)
     half = half_exit_thresholds(gated, images)
     other = (half[0], half[0], math.inf)  # exits at gates 0 and 1: other patterns than the first pass
     out = []
@@ -228,12 +262,12 @@ def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
             before = counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             for n in sizes:
-                first_call_seconds(run, images[:n])
+                time_pass(run, [images[:n]])
             row[f"{name} pass s"] = time.perf_counter() - start
             row[f"{name} graphs"] = counters["stats"]["unique_graphs"] - before
         model.set_thresholds(half)
         row["warm pass s"] = statistics.median(
-            sum(first_call_seconds(run, images[:n]) for n in first_sizes) for _ in range(args.repeats))
+            sum(time_pass(run, [images[:n]]) for n in first_sizes) for _ in range(args.repeats))
         row["graph breaks"] = sum(counters["graph_break"].values())
         out.append(row)
         print(row, flush=True)
@@ -242,30 +276,35 @@ def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
 
 def model_section(r: dict[str, object], args: argparse.Namespace) -> list[str]:
     gated, rows, compile_s = r["gated"], r["rows"], r["compile_s"]
+    setup = []  # what the compiled and ONNX variants cost before their first timed call
+    if "compiled" in args.modes:
+        setup.append(f"First call (compile) seconds at batch {max(args.batch_sizes)}: plain "
+                     f"{compile_s['plain compiled']:.1f}, gated {compile_s['gated compiled']:.1f} "
+                     f"({compile_s['segments']} segments)")
+    if "ONNX" in args.modes:
+        setup.append(f"ONNX export of both {compile_s['export']:.1f} s")
+    variants = [f"{kind} {m}" for kind in ("plain", "gated") for m in args.modes]
     lines = [
         f"## {r['model']}",
         "",
         f"Gates {', '.join(f'`{b.name}`' for b in gated.boundaries)}; half of the images leave at gate 0 (FLOPs "
-        f"ideal speed-up {rows[-1]['ideal']:.2f}x). First call (compile) seconds at batch {max(args.batch_sizes)}: "
-        f"plain {compile_s['plain compiled']:.1f}, gated {compile_s['gated compiled']:.1f} "
-        f"({compile_s['segments']} segments); ONNX export of both {compile_s['export']:.1f} s.",
+        f"ideal speed-up {rows[-1]['ideal']:.2f}x)." + (f" {'; '.join(setup)}." if setup else ""),
         "",
-        "| batch | plain eager | plain compiled | plain ONNX | gated eager | gated compiled | gated ONNX "
-        "| ideal | eager speed-up (fraction) | compiled speed-up (fraction) | ONNX speed-up (fraction) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| batch | {' | '.join(variants)} | ideal | "
+        + " | ".join(f"{m} speed-up (fraction)" for m in args.modes) + " |",
+        "|---" * (2 + len(variants) + len(args.modes)) + "|",
     ]
     for row in rows:
         speedups = " | ".join(f"{row[f'{m} speed-up']:.2f}x ({row[f'{m} speed-up'] / row['ideal']:.2f})"
-                              for m in ("eager", "compiled", "ONNX"))
-        rates = " | ".join(f"{row[f'{v} img/s']:.0f}" for v in ("plain eager", "plain compiled", "plain ONNX",
-                                                                   "gated eager", "gated compiled", "gated ONNX"))
+                              for m in args.modes)
+        rates = " | ".join(f"{row[f'{v} img/s']:.0f}" for v in variants)
         lines.append(f"| {row['batch']} | {rates} | {row['ideal']:.2f}x | {speedups} |")
     last, ideals = rows[-1], r["time_ideals"]
     lines += ["", f"Against the time ideal at batch {max(args.batch_sizes)} (what the exits would give if splitting "
               "the batch cost nothing: the gated model timed with every sample leaving at gate 0 and with every "
               "gate closed): " + "; ".join(
                   f"{mode} ideal {ideals[mode]:.2f}x, reached {last[f'{mode} speed-up'] / ideals[mode]:.2f}"
-                  for mode in ("eager", "compiled", "ONNX")) + "."]
+                  for mode in args.modes) + "."]
     lines += ["", f"Where the time goes at batch {max(args.batch_sizes)} (eager, every sample through every segment):",
               "", "| segment | modules | share of FLOPs | share of time | ms |", "|---|---|---|---|---|"]
     for s in r["segments"]:
@@ -278,41 +317,58 @@ def model_section(r: dict[str, object], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def device_note(device: torch.device) -> str:
+    """The report's last words: what ran the timed passes."""
+    if device.type == "cuda":
+        return f"Device: {torch.cuda.get_device_name(device)} (`{device}`); the CPU numbers are in a separate run."
+    return "Device: the CPU."
+
+
 def report(args: argparse.Namespace, results: list[dict[str, object]], paths: list[dict[str, float]],
            env: str) -> str:
     largest = max(args.batch_sizes)
+    how = ""  # how the compiled and ONNX variants measured are run
+    if "compiled" in args.modes:
+        how += "Compiled: inductor, `dynamic=True` (plain: `torch.compile(model)`; gated: `gated.compile()`). "
+    if "ONNX" in args.modes:
+        host = ", inputs and outputs through host memory" if args.device.type == "cuda" else ""
+        how += (f"ONNX: onnxruntime with `{args.providers[0]}`{host} (plain: the whole model as one file, default "
+                "session options; gated: `timm_dgate.export` + `runtime.OnnxGatedModel`, whose sessions do not spin "
+                "idle workers). ")
     lines = [
         "# Deployment benchmark: early exit compiled and exported",
         "",
         f"Random weights (the executor's speed depends on where samples exit, not on what the weights learned), "
         f"10 classes, input {args.in_chans}x{args.input_size}x{args.input_size}; gate 0's threshold at the median "
         f"of its scores on the {args.images} benchmark images (`benchmarks/common.py` `half_exit_thresholds`), "
-        f"the other gates closed. Images/s; {args.repeats} repeats, the six variants interleaved on the same "
-        f"batches (`timm_dgate.timing`), `torch.inference_mode()`; at batch 1 the first {args.batch1_images} images. "
-        "Compiled: inductor, `dynamic=True` (plain: `torch.compile(model)`; gated: `gated.compile()`). ONNX: "
-        "onnxruntime on the CPU (plain: the whole model as one file, default session options; gated: "
-        "`timm_dgate.export` + `runtime.OnnxGatedModel`, whose sessions do not spin idle workers). Speed-ups are "
-        "medians of per-repeat ratios against the plain model in the same mode; *fraction* is speed-up / FLOPs "
-        "ideal.",
+        f"the other gates closed. Images/s; {args.repeats} repeats, the {VARIANT_COUNTS[len(args.modes)]} variants "
+        f"interleaved on the same batches (`timm_dgate.timing`), `torch.inference_mode()`; at batch 1 the first "
+        f"{args.batch1_images} images. {how}Speed-ups are medians of per-repeat ratios against the plain model in "
+        "the same mode; *fraction* is speed-up / FLOPs ideal.",
         "",
         "Absolute images/s move between runs on a shared machine (the load average is below), so only the "
         "ratios measured interleaved in one run mean something.",
         "",
-        f"Goals (issue 14), at batch {largest}: gated compiled reaches {GOAL_COMPILED} of the FLOPs ideal against "
-        f"plain compiled; gated ONNX reaches {GOAL_ONNX} of it against plain ONNX.",
-        "",
-        "| model | FLOPs ideal | compiled fraction | goal met | ONNX fraction | goal met "
-        "| compiled: time ideal, fraction of it | ONNX: time ideal, fraction of it |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        row, ideals = r["rows"][-1], r["time_ideals"]
-        fc, fo = row["compiled speed-up"] / row["ideal"], row["ONNX speed-up"] / row["ideal"]
-        lines.append(f"| {r['model']} | {row['ideal']:.2f}x | {fc:.2f} | {'yes' if fc >= GOAL_COMPILED else '**no**'} "
-                     f"| {fo:.2f} | {'yes' if fo >= GOAL_ONNX else '**no**'} "
-                     f"| {ideals['compiled']:.2f}x, {row['compiled speed-up'] / ideals['compiled']:.2f} "
-                     f"| {ideals['ONNX']:.2f}x, {row['ONNX speed-up'] / ideals['ONNX']:.2f} |")
-    lines += ["", "The *time ideal* is the speed-up these exits would give if cutting the batch at the gate cost "
+    goals = [m for m in GOALS if m in args.modes]
+    if goals:
+        lines += [
+            f"Goals (issue 14), at batch {largest}: " + "; ".join(
+                f"gated {m} reaches {GOALS[m]} of {'it' if k else 'the FLOPs ideal'} against plain {m}"
+                for k, m in enumerate(goals)) + ".",
+            "",
+            "| model | FLOPs ideal | " + " | ".join(f"{m} fraction | goal met" for m in goals) + " | "
+            + " | ".join(f"{m}: time ideal, fraction of it" for m in goals) + " |",
+            "|---" * (2 + 3 * len(goals)) + "|",
+        ]
+        for r in results:
+            row, ideals = r["rows"][-1], r["time_ideals"]
+            fractions = {m: row[f"{m} speed-up"] / row["ideal"] for m in goals}
+            met = " | ".join(f"{fractions[m]:.2f} | {'yes' if fractions[m] >= GOALS[m] else '**no**'}" for m in goals)
+            reached = " | ".join(f"{ideals[m]:.2f}x, {row[f'{m} speed-up'] / ideals[m]:.2f}" for m in goals)
+            lines.append(f"| {r['model']} | {row['ideal']:.2f}x | {met} | {reached} |")
+        lines.append("")
+    lines += ["The *time ideal* is the speed-up these exits would give if cutting the batch at the gate cost "
               "nothing (per model below): where it is far under the FLOPs ideal, the part before gate 0 takes more "
               "of the time than of the FLOPs (memory-bound stem and first stage), which no executor can change; "
               "the fraction of the time ideal reached is what the executor loses.", ""]
@@ -330,7 +386,7 @@ def report(args: argparse.Namespace, results: list[dict[str, object]], paths: li
                   f"| {p['first pass s']:.1f} | {p['new pass s']:.1f} | {p['warm pass s']:.2f} |" for p in paths]
         lines.append("")
     lines += [f"Machine: {env}. Date: {datetime.date.today()}. Command: "
-              f"`{shlex.join([Path(sys.executable).name, *sys.argv])}`. GPU numbers: not measured yet.", ""]
+              f"`{shlex.join([Path(sys.executable).name, *sys.argv])}`. {device_note(args.device)}", ""]
     return "\n".join(lines)
 
 
@@ -345,8 +401,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-paths", action="store_true", help="also gated.compile() vs torch.compile(gated)")
     parser.add_argument("--paths-backend", default="inductor", help="torch.compile backend for --compile-paths")
-    parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: print only)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown file to write, one run on one device (default: print only)")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                        help="where the models run and everything is timed: cpu or cuda[:N]")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="what is built and timed, plain and gated (default: all)")
     args = parser.parse_args(argv)
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: cpu or cuda")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}, but torch sees no CUDA device")
+    args.modes = [m for m in MODES if m in args.modes]  # tables list modes in one order, each once
+    args.providers = onnx_providers(args.device) if "ONNX" in args.modes else []
     env = machine()
     results: list[dict[str, object]] = []
     paths = compile_paths(args) if args.compile_paths else []
