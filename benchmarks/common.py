@@ -37,7 +37,7 @@ ROOT = Path(os.environ.get("DGATE_BACKBONES", "runs/backbones"))
 RECORDS = Path("runs/bench/plain")
 # the demo's recipe (one-cycle AdamW) run until validation accuracy plateaus: each backbone's training.json
 # holds its validation curve, and backbones.py reports the gain over the last 3 epochs (converged: under 0.2 pt)
-EPOCHS = {"resnet18": 25, "resnet50": 10, "convnext_atto": 15, "resnet10t": 12, "convnext_zepto_rms": 12}
+EPOCHS = {"resnet18": 40, "resnet50": 40, "convnext_atto": 40, "resnet10t": 40, "convnext_zepto_rms": 40}
 DEFAULT_EPOCHS = 12
 # gated model -> smaller static models of the same family it should beat
 STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
@@ -78,7 +78,7 @@ def backbone_folder(name: str, root: Path = ROOT) -> Path:
 def load_backbone(
     name: str, splits: Splits, root: Path = ROOT, epochs: int | None = None, device: str = "cpu"
 ) -> nn.Module:
-    """The cached trained ``name`` (trained now on ``device`` if missing, for ``epochs`` or ``EPOCHS``), in eval mode."""
+    """The cached trained ``name``, in eval mode; trained now on ``device`` if missing (``epochs`` or ``EPOCHS``)."""
     epochs = epochs or EPOCHS.get(name, DEFAULT_EPOCHS)
     folder = backbone_folder(name, root)
     return cached_backbone(name, splits.train, folder, epochs=epochs, val=splits.val, device=device).eval()
