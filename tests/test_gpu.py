@@ -1,8 +1,8 @@
 """The GPU path: one host synchronisation per open gate and nothing else; on CUDA, the same answers as on the CPU.
 
 The sync count runs everywhere: a dispatch mode counts the operators that read a device value
-back to the host (on CUDA each one waits for the device). Tests marked ``gpu`` need CUDA and
-are skipped without it.
+back to the host or copy a Python number to the device (on CUDA each one waits for the device;
+an NVIDIA H200 found the second kind). Tests marked ``gpu`` need CUDA and are skipped without it.
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ import timm_dgate
 
 from .helpers import SIZE
 
-HOST_READS = {  # operators whose result the host must wait for on CUDA
+HOST_SYNCS = {  # operators after which the host waits for the device on CUDA
     torch.ops.aten._local_scalar_dense.default,  # .item(), int(t), bool(t)
     torch.ops.aten.nonzero.default,  # boolean-mask indexing
     torch.ops.aten.equal.default,
     torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.lift_fresh.default,  # a Python number made a tensor (t[i] = 3): a blocking copy to the device
 }
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class HostReads(TorchDispatchMode):
+class HostSyncs(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in HOST_READS
+        self.count += func in HOST_SYNCS
         return func(*args, **(kwargs or {}))
 
 
@@ -43,9 +44,10 @@ def gated_model(device: str = "cpu") -> tuple[timm_dgate.GatedModel, torch.Tenso
     """A tiny gated model, a batch, and thresholds at which samples leave at gates 0 and 2 (gate 1 closed)."""
     torch.manual_seed(0)
     backbone = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
-    gated = timm_dgate.wrap(backbone, input_size=(1, SIZE, SIZE)).to(device)
+    gated = timm_dgate.wrap(backbone, input_size=(1, SIZE, SIZE))
     for gate in gated.gates:
-        torch.nn.init.normal_(gate.fc.weight)
+        torch.nn.init.normal_(gate.fc.weight)  # on the CPU's generator: the same gates on every device
+    gated.to(device)
     images = torch.randn(64, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         margins, _ = gated.forward_gates(images)
@@ -54,11 +56,11 @@ def gated_model(device: str = "cpu") -> tuple[timm_dgate.GatedModel, torch.Tenso
 
 
 @torch.no_grad()
-def test_a_gated_forward_reads_the_device_once_per_open_gate_and_never_otherwise():
+def test_a_gated_forward_syncs_with_the_device_once_per_open_gate_and_never_otherwise():
     gated, images, thresholds = gated_model()
     for setting, reads in ((thresholds, 2), ([math.inf] * 3, 0), ([-math.inf, math.inf, math.inf], 1)):
         gated.set_thresholds(setting)
-        with HostReads() as counter:
+        with HostSyncs() as counter:
             gated(images)
         assert counter.count == reads, setting  # all leave at gate 0: the later gates are never reached
 
@@ -96,7 +98,8 @@ def test_on_cuda_syncs_are_one_per_open_gate():
             gated(images)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 2
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs  # where they came from, for whoever runs this on a GPU
 
 
 @cuda

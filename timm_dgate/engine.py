@@ -148,7 +148,7 @@ class ExitRun:
         exits = torch.empty(self.batch, dtype=torch.long, device=device)
         for index, values, k in pieces:
             logits[index] = values.to(dtype)
-            exits[index] = k
+            exits.index_fill_(0, index, k)  # not exits[index] = k: on CUDA that copies k to the device and syncs
         return ExitResult(logits, exits)
 
 
