@@ -20,6 +20,8 @@ class Measured:
     accuracy: float
     gflops: float
     exit_fractions: list[float]
+    exits_per_class: list[list[int]]  # [exit][class]: images
+    correct_per_class: list[list[int]]  # [exit][class]: of them classified right
 
 
 @torch.no_grad()
@@ -28,16 +30,21 @@ def by_hand(gated: timm_dgate.GatedModel, data: list[tuple[torch.Tensor, torch.T
     costs, k = gated.costs, gated.num_gates
     open_gates = [t != math.inf for t in gated.thresholds]
     hits, flops, exits = 0, 0.0, []
+    counts = [[0] * gated.num_classes for _ in range(k + 1)]
+    right = [[0] * gated.num_classes for _ in range(k + 1)]
     for x, y in data:
         out = gated(x, return_exits=True)
         hits += (out.logits.argmax(1) == y).sum().item()
+        for e, label, guess in zip(out.exits.tolist(), y.tolist(), out.logits.argmax(1).tolist()):
+            counts[e][label] += 1
+            right[e][label] += guess == label
         for e in out.exits.tolist():
             reached = costs.to_gate[e] if e < k else costs.backbone
             flops += reached + sum(c for c, o in zip(costs.gate[: e + 1], open_gates) if o)
         exits.append(out.exits)
     n = sum(len(y) for _, y in data)
     fractions = (torch.bincount(torch.cat(exits), minlength=k + 1).double() / n).tolist()
-    return Measured(hits / n, flops / n / 1e9, fractions)
+    return Measured(hits / n, flops / n / 1e9, fractions, counts, right)
 
 
 def test_evaluate_reports_each_profiles_accuracy_gflops_and_exits_as_the_real_forward_gives_them(
@@ -66,4 +73,6 @@ def test_evaluate_reports_each_profiles_accuracy_gflops_and_exits_as_the_real_fo
         assert result.gflops == pytest.approx(want.gflops, rel=1e-9), result.name
         assert result.flops_reduction == pytest.approx(1 - want.gflops * 1e9 / gated.costs.backbone, rel=1e-9)
         assert result.exit_fractions == pytest.approx(want.exit_fractions, abs=1e-12), result.name
+        assert result.exits_per_class == want.exits_per_class, result.name
+        assert result.correct_per_class == want.correct_per_class, result.name
         assert want.accuracy != plain and min(want.exit_fractions[0], want.exit_fractions[-1]) > 0

@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class ProfileResult:
-    """One profile's numbers on the evaluation split (``exits_per_class``: rows gates then head)."""
+    """One profile's numbers on the evaluation split.
+
+    ``exits_per_class[k][c]`` counts the images of class ``c`` leaving at exit ``k`` (rows: gates
+    then head); ``correct_per_class[k][c]`` counts those of them classified right.
+    """
 
     name: str
     thresholds: tuple[float, ...]
@@ -40,6 +44,7 @@ class ProfileResult:
     plain_ms_per_image: float
     exit_fractions: list[float]
     exits_per_class: list[list[int]] = field(default_factory=list)
+    correct_per_class: list[list[int]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -137,25 +142,27 @@ def evaluate(
         results = []
         for name in progress_bar(names, f"profiles on {split}", enabled=progress):
             profile = model.use_profile(name)
-            hits, counts, flops = 0, torch.zeros(head + 1, num_classes, dtype=torch.long), 0.0
+            counts = torch.zeros(head + 1, num_classes, dtype=torch.long)  # images per (exit, class)
+            right, flops = torch.zeros_like(counts), 0.0  # of them classified right; FLOPs so far
             for x, y in _batches(data, device, num_classes):
                 out = model(x, return_exits=True)
-                hits += (out.logits.argmax(1) == y).sum().item()
-                counts += torch.bincount(
-                    (out.exits * num_classes + y).cpu(), minlength=(head + 1) * num_classes
-                ).view(head + 1, num_classes)
+                cell = (out.exits * num_classes + y).cpu()  # (exit, class) of each image
+                hit = (out.logits.argmax(1) == y).cpu()
+                counts += torch.bincount(cell, minlength=(head + 1) * num_classes).view(head + 1, num_classes)
+                right += torch.bincount(cell[hit], minlength=(head + 1) * num_classes).view(head + 1, num_classes)
                 flops += model.costs.average(out.exits, model.thresholds) * len(y)
             seconds = interleaved({"gated": (model, timing), "plain": (plain, timing)}, repeats)
             result = ProfileResult(
                 name=name,
                 thresholds=profile.thresholds,
-                accuracy=hits / total,
+                accuracy=right.sum().item() / total,
                 gflops=flops / total / 1e9,
                 flops_reduction=1 - flops / total / model.costs.backbone,
                 ms_per_image=per_image(seconds["gated"], timing) * 1e3,
                 plain_ms_per_image=per_image(seconds["plain"], timing) * 1e3,
                 exit_fractions=(counts.sum(1).double() / total).tolist(),
                 exits_per_class=counts.tolist(),
+                correct_per_class=right.tolist(),
             )
             if record:
                 profile.test = {

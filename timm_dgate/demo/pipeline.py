@@ -19,7 +19,7 @@ from timm_dgate.calibration import ExitTable, calibrate, measured_tradeoff
 from timm_dgate.evaluation import EvalReport, evaluate
 from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
 from timm_dgate.losses import DEFAULT_EXIT_SCORE
-from timm_dgate.plots import plot_tradeoff
+from timm_dgate.plots import plot_exits_per_class, plot_tradeoff
 from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
@@ -47,28 +47,6 @@ class DemoConfig:
     confidence: float = 0.9
     timing_images: int = 2048
     timing_repeats: int = 3
-
-
-def _plot_exits(result, gate_names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = torch.tensor(result.exits_per_class, dtype=torch.float64)
-    shares = counts / counts.sum(0, keepdim=True).clamp_min(1)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = torch.zeros(shares.shape[1], dtype=torch.float64)
-    for row, label in zip(shares, [*gate_names, "head"]):
-        ax.bar(range(len(CLASSES)), 100 * row, bottom=100 * bottom, label=label)
-        bottom += row
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=35, ha="right")
-    ax.set_ylabel("% of the class's test images")
-    ax.set_title(f"Where each class exits ({result.name})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -139,7 +117,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             equal_flops_table(curves, plain_point))
     plot_tradeoff(curves, plain_point, out / "tradeoff.png", split="test",
                   title="Fashion-MNIST test split (thresholds chosen on validation)")
-    _plot_exits(default_iso, gate_names, out / "exits_per_class.png")
+    plot_exits_per_class({f"Where each class exits ({default_iso.name})": default_iso.exits_per_class},
+                         CLASSES, [*gate_names, "head"], out / "exits_per_class.png", split="test")
 
     results = {
         "config": asdict(cfg),
