@@ -1,16 +1,17 @@
-"""Shared fixtures: a small slice of the real Fashion-MNIST and a tiny backbone trained on it (helpers live in
-tests/helpers.py)."""
+"""Shared fixtures: a small slice of the real Fashion-MNIST, a tiny backbone trained on it, and the Hub stand-ins of
+tests/hub_server.py (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from timm_dgate.demo.backbone import cached_backbone
 from timm_dgate.fashion_mnist import load_splits
 
-from .hub_server import intercept_hub
+from .hub_server import FakeHub, intercept_hub
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,20 @@ def trained_backbone(tmp_path_factory, fmnist) -> Path:
 def intercepted_hub(monkeypatch):
     """huggingface_hub's repo, branch and commit calls intercepted and recorded (see tests/hub_server.py)."""
     return intercept_hub(monkeypatch)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub pointed at a FakeHub (tests/hub_server.py), with its cache in tmp_path; online until a test
+    says otherwise."""
+    hub = FakeHub()
+    hub.thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        yield hub
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from huggingface_hub import HfApi, constants
@@ -22,10 +22,15 @@ class FakeHub:
     """A local stand-in for the Hub (there is no network here): serves folders as repos at one commit each.
 
     Answers what huggingface_hub 2.4's ``snapshot_download``/``hf_hub_download`` ask for:
-    ``GET /api/models/{repo}/revision/{rev}`` (the commit), ``GET /api/models/{repo}/tree/{commit}``
-    (the file list) and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` with the headers the client
-    requires (``X-Repo-Commit``, ``ETag``, ``Content-Length``). Bound to 127.0.0.1, shut down by
-    the fixture that started it (its thread is a daemon, so it never outlives the test run).
+    ``GET /api/models/{repo}/revision/{rev}`` (the commit, and every file as a sibling),
+    ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (the entries of the folder or of ``path``, files and
+    directories, everything below it with ``?recursive=true`` as snapshot_download asks; paths relative
+    to the repo root, ``member0/config.json``) and ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (files in
+    subfolders too) with the headers the client requires (``X-Repo-Commit``, ``ETag``,
+    ``Content-Length``). As the real Hub, an unknown repo answers 404 ``RepoNotFound``, an unknown
+    revision of a served repo ``RevisionNotFound`` and a missing path ``EntryNotFound``. A revision is
+    a name given to :meth:`add` or its commit. Bound to 127.0.0.1, shut down by the fixture that
+    started it (its thread is a daemon, so it never outlives the test run).
     """
 
     def __init__(self) -> None:
@@ -49,39 +54,47 @@ class FakeHub:
 
     def add(self, repo: str, folder: Path, revision: str = "main") -> None:
         commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
-        self.repos.setdefault(repo, {})[revision] = (commit, folder)
+        self.repos.setdefault(repo, {})[revision] = (commit, Path(folder))
 
     def commit(self, repo: str, revision: str = "main") -> str:
         return self.repos[repo][revision][0]
 
-    def _lookup(self, repo: str, rev: str) -> tuple[str, Path] | None:
-        for commit, folder in self.repos.get(repo, {}).values():
+    def _lookup(self, repo: str, rev: str) -> tuple[str, Path] | str:
+        """``(commit, folder)``, or the Hub's error code when the repo or the revision is unknown."""
+        if repo not in self.repos:
+            return "RepoNotFound"
+        for commit, folder in self.repos[repo].values():
             if rev == commit:
                 return commit, folder
-        return self.repos.get(repo, {}).get(rev)
+        return self.repos[repo].get(rev, "RevisionNotFound")
 
     def serve(self, request: BaseHTTPRequestHandler, body: bool) -> None:
-        path = unquote(urlsplit(request.path).path)
-        self.requests.append(f"{request.command} {path}")
-        parts = path.strip("/").split("/")
+        url = urlsplit(request.path)
+        # split before unquoting: a revision comes quoted whole (refs%2Fpr%2F1), a file path keeps its slashes
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        self.requests.append(f"{request.command} /{'/'.join(parts)}")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             found = self._lookup("/".join(parts[2:4]), parts[5])
-            if found is None:
-                return self._send(request, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, body)
+            if isinstance(found, str):
+                return self._send(request, 404, b"{}", {"X-Error-Code": found}, body)
             commit, folder = found
-            files = sorted(p for p in folder.iterdir() if p.is_file())
             if parts[4] == "revision":
-                info = {"id": "/".join(parts[2:4]), "sha": commit, "siblings": [{"rfilename": p.name} for p in files]}
+                files = [_path(p, folder) for p in sorted(folder.rglob("*")) if p.is_file()]
+                info = {"id": "/".join(parts[2:4]), "sha": commit, "siblings": [{"rfilename": f} for f in files]}
             else:
-                info = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": _sha1(p)} for p in files]
+                base = _inside(folder, "/".join(parts[6:]))
+                if base is None or not base.is_dir():
+                    return self._send(request, 404, b"{}", {"X-Error-Code": "EntryNotFound"}, body)
+                recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() in ("true", "1")
+                info = [_entry(p, folder) for p in sorted(base.rglob("*") if recursive else base.iterdir())]
             return self._send(request, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         if len(parts) >= 5 and parts[2] == "resolve":
             found = self._lookup("/".join(parts[:2]), parts[3])
-            if found is None:
-                return self._send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, body)
+            if isinstance(found, str):
+                return self._send(request, 404, b"", {"X-Error-Code": found}, body)
             commit, folder = found
-            file = folder / "/".join(parts[4:])
-            if not file.is_file():
+            file = _inside(folder, "/".join(parts[4:]))
+            if file is None or not file.is_file():
                 return self._send(request, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, body)
             data = file.read_bytes()
             headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
@@ -98,8 +111,23 @@ class FakeHub:
             request.wfile.write(data)
 
 
-def _sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
+def _inside(folder: Path, path: str) -> Path | None:
+    """``folder / path``, or None when ``path`` would leave the folder."""
+    target = (folder / path).resolve()
+    return target if target.is_relative_to(folder.resolve()) else None
+
+
+def _path(p: Path, folder: Path) -> str:
+    """A file's path in the repo, as the Hub writes it: relative to the root, with forward slashes."""
+    return p.relative_to(folder).as_posix()
+
+
+def _entry(p: Path, folder: Path) -> dict:
+    """A tree entry as the Hub lists it: a file with its size and blob id, or a directory with a tree id."""
+    path = _path(p, folder)
+    if p.is_dir():
+        return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+    return {"type": "file", "path": path, "size": p.stat().st_size, "oid": _sha1(p)}
 
 
 def _sha1(path: Path) -> str:

@@ -8,6 +8,7 @@ import math
 import pytest
 import timm
 import torch
+from huggingface_hub import constants
 from torch import nn
 
 import timm_dgate
@@ -185,6 +186,45 @@ def test_save_and_from_pretrained_round_trip_and_members_load_with_plain_timm(pa
         images = x if name == "member1" else resize(x, SMALL)
         assert torch.equal(plain(images), member(images))
     assert isinstance(timm_dgate.from_pretrained(folder / "member1"), timm_dgate.GatedModel)
+
+
+@torch.no_grad()
+def test_load_by_hub_id_with_member_folders_then_a_revision_and_offline(pair, x, tmp_path, fake_hub, monkeypatch):
+    """The saved folder served as a Hub repo (tests/hub_server.py), its member folders fetched by snapshot_download."""
+    _small, _big, model = pair
+    model.add_profile(Profile("late", [math.inf, *quantile_thresholds(model, x, 0.5)[1:]], exit_score="softmax"))
+    model.add_profile(Profile("eager", quantile_thresholds(model, x, 0.6), exit_score="softmax"), activate=True)
+    expected = model(x, return_exits=True)
+    assert len(set(expected.exits.tolist())) >= 3  # samples leave at both members' exits
+    fake_hub.add("org/cascade", model.save_pretrained(tmp_path / "cascade"))
+
+    def assert_same_cascade(loaded: timm_dgate.Cascade) -> None:
+        assert isinstance(loaded, timm_dgate.Cascade) and not loaded.training
+        assert loaded.active_profile == "eager" and loaded.thresholds == model.thresholds
+        assert loaded.profiles == model.profiles and loaded.exit_score == model.exit_score
+        assert loaded.exit_names == model.exit_names and loaded.input_sizes == model.input_sizes
+        for theirs, ours in zip(loaded.members, model.members, strict=True):
+            assert theirs.num_gates == ours.num_gates
+            state, ours_state = theirs.state_dict(), ours.state_dict()
+            assert state.keys() == ours_state.keys() and all(torch.equal(state[k], ours_state[k]) for k in state)
+        out = loaded(x, return_exits=True)
+        assert torch.equal(out.exits, expected.exits) and torch.allclose(out.logits, expected.logits, atol=1e-6)
+
+    assert_same_cascade(timm_dgate.from_pretrained("org/cascade"))
+    commit = fake_hub.commit("org/cascade")
+    assert any(r.startswith(f"GET /api/models/org/cascade/tree/{commit}") for r in fake_hub.requests)
+    for file in ("cascade_config.json", "member0/model.safetensors", "member1/gates.safetensors"):
+        assert f"GET /org/cascade/resolve/{commit}/{file}" in fake_hub.requests, file
+
+    model.use_profile("late")  # a second revision whose active profile differs
+    fake_hub.add("org/cascade", model.save_pretrained(tmp_path / "v2"), revision="v2")
+    assert timm_dgate.from_pretrained("org/cascade", revision="v2").active_profile == "late"
+    model.use_profile("eager")
+
+    served = len(fake_hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert_same_cascade(timm_dgate.from_pretrained("org/cascade"))
+    assert len(fake_hub.requests) == served, "offline loading must not touch the network"
 
 
 def test_push_to_hub_commits_manifest_and_member_folders(pair, intercepted_hub):

@@ -25,7 +25,6 @@ from timm_dgate import HubFormatError
 from timm_dgate.hub import backbone_args
 
 from .helpers import hooks
-from .hub_server import FakeHub
 
 SIZE = 64
 BATCH = 24
@@ -221,22 +220,6 @@ def test_attach_to_an_existing_model(tmp_path):
 
 
 # ---- loading by Hub id, through huggingface_hub's download code ------------------------------------
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """huggingface_hub pointed at a FakeHub, with its cache in tmp_path; online until a test says otherwise."""
-    hub = FakeHub()
-    hub.thread.start()
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    try:
-        yield hub
-    finally:
-        hub.server.shutdown()
-        hub.server.server_close()
 
 
 def test_load_by_hub_id_then_offline_from_the_cache(tmp_path, fake_hub, monkeypatch):
