@@ -215,6 +215,7 @@ def test_load_by_hub_id_with_member_folders_then_a_revision_and_offline(pair, x,
     assert any(r.startswith(f"GET /api/models/org/cascade/tree/{commit}") for r in fake_hub.requests)
     for file in ("cascade_config.json", "member0/model.safetensors", "member1/gates.safetensors"):
         assert f"GET /org/cascade/resolve/{commit}/{file}" in fake_hub.requests, file
+    assert not any(r.endswith("/README.md") for r in fake_hub.requests), "model cards are not needed to load"
 
     model.use_profile("late")  # a second revision whose active profile differs
     fake_hub.add("org/cascade", model.save_pretrained(tmp_path / "v2"), revision="v2")

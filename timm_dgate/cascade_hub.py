@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .config import CONFIG_NAME, FORMAT, DGateConfig, read_json
 from .errors import HubFormatError
+from .hub import CARD_NAME, LOADED_FILES, PROFILES_NAME
 from .profiles import Profile, decode_thresholds
 from .reports import profiles_table
 from .scores import EXIT_SCORES
@@ -28,9 +29,8 @@ from .version import __version__
 CASCADE_CONFIG_NAME = "cascade_config.json"
 CASCADE_FORMAT = "timm_dgate_cascade"
 CASCADE_FORMAT_VERSION = 1  # the newest this library reads
-PROFILES_NAME = "profiles.json"
-CARD_NAME = "README.md"
-HUB_PATTERNS = [CASCADE_CONFIG_NAME, PROFILES_NAME, "member*/*"]  # what loading a cascade repo downloads
+# what loading a cascade repo downloads: each member folder's model files, not its card
+HUB_PATTERNS = [CASCADE_CONFIG_NAME, PROFILES_NAME, *(f"member*/{name}" for name in LOADED_FILES)]
 
 
 def member_folder(index: int) -> str:

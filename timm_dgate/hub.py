@@ -47,6 +47,8 @@ CARD_NAME = "README.md"
 PLOT_NAME = "tradeoff.png"
 BACKBONE_CONFIG_NAME = "config.json"  # timm's own files, as save_for_hf writes them
 BACKBONE_WEIGHTS_NAME = "model.safetensors"
+# what loading reads from a repo (the model card is not among them): the gates' three, then the backbone's two
+LOADED_FILES = (CONFIG_NAME, GATES_NAME, PROFILES_NAME, BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME)
 LOSS_NAMES = {"hinge": "hinge-loss (one-vs-all SVM)", "ce": "cross-entropy"}
 TAGS = ("timm", "image-classification", "early-exit", "decision-gates")
 
@@ -248,9 +250,8 @@ def resolve_folder(
         return path
     if path.exists() or str(name_or_path).startswith((".", "/", "~")):
         raise HubFormatError(f"{name_or_path} is not a folder (nor a Hub repo id)")
-    patterns = [CONFIG_NAME, GATES_NAME, PROFILES_NAME]
-    if need_backbone:  # absent from gates-only repos, so asking costs nothing there
-        patterns += [BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME]
+    # the backbone's files are absent from gates-only repos, so asking for them costs nothing there
+    patterns = list(LOADED_FILES if need_backbone else LOADED_FILES[:3])
     return snapshot(str(name_or_path), patterns, revision, cache_dir, token, local_files_only)
 
 
