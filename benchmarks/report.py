@@ -1,8 +1,10 @@
 """Write docs/benchmarks.md, docs/benchmarks.json and the plots from what compare.py, speed.py and backbones.py saved.
 
 Why separate: the measurements take most of an hour; the document can be rewritten in a
-second. Text under the heading ``## Reading the numbers`` in an existing document is kept,
-so the hand-written discussion survives a regeneration.
+second. placement.py's and cascade.py's own reports in the results folder
+(``benchmarks-placement.md``, ``cascade/*.md``) become sections of it. Text under the heading
+``## Reading the numbers`` in an existing document is kept, so the hand-written discussion
+survives a regeneration.
 
     .venv/bin/python benchmarks/report.py --models resnet18 resnet50 convnext_atto --out docs/benchmarks.md
 """
@@ -13,7 +15,9 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +35,26 @@ EARLYON = "earlyon 0.3.0 (its heads + calibration)"
 def load(path: Path) -> dict | None:
     """A saved JSON result, or None: the document covers whatever has been measured so far."""
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def included(report: Path, title: str, img: Path) -> list[str]:
+    """Another script's markdown report as a section: its own title dropped, headings one level down, images copied.
+
+    placement.py and cascade.py write their own reports next to their results; this puts them in
+    the one benchmark document without either script knowing about it.
+    """
+    if not report.exists():
+        return []
+    lines = report.read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    out = [f"## {title}", ""]
+    for line in lines:
+        for picture in re.findall(r"!\[[^]]*]\(([^)/]+\.png)\)", line):
+            shutil.copy(report.parent / picture, img / f"{report.parent.name}_{picture}")
+            line = line.replace(f"]({picture})", f"](img/{report.parent.name}_{picture})")
+        out.append(f"#{line}" if line.startswith("#") else line)
+    return [*out, ""]
 
 
 def pct(x: float) -> str:
@@ -383,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     guarantees = [g for name in args.models if (g := load(args.results / "guarantee" / f"{name}.json"))]
     if guarantees:
         parts += ["## Does a profile keep its target on new data?", "", guarantee_table(guarantees), ""]
+    parts += included(args.results / "benchmarks-placement.md", "Where the gates sit: stage ends or every block", img)
+    for report in sorted((args.results / "cascade").glob("*.md")):
+        parts += included(report, f"Cascades: {report.stem}", img)
     train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
     parts += ["## Cost of fitting", "", fit_table(results), "",
               f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
