@@ -50,10 +50,10 @@ from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.distributed import Reducer
 from timm_dgate.fashion_mnist import TensorBatches, load_splits
 from timm_dgate.flops import GateCosts, count_flops
-from timm_dgate.gate_kinds import GATE_KINDS, LINEAR_LR, MLP_LR, fit_kind
+from timm_dgate.gate_kinds import GATE_KINDS, fit_kind
 from timm_dgate.gates import DecisionGate, gate_head
 from timm_dgate.scores import exit_score
-from timm_dgate.training import _feature_stats, _GateTrainer
+from timm_dgate.training import _feature_stats, _GateTrainer, default_lr
 
 MLP_HIDDEN = GATE_KINDS["mlp"].hidden
 CURVE_FLOORS = {"iso": 0.001, "-0.5pt": 0.005}  # test accuracy floors (as DROPS) for the descriptive curve read
@@ -162,7 +162,7 @@ def fit_heads(
     device = torch.device("cpu")
     mean, std, total = _feature_stats([(features, labels)], reducer, device)
     trainer = _GateTrainer(
-        nn.ModuleList(gates), mean, std, "ce", lr or (MLP_LR if hidden else LINEAR_LR), 1e-4, reducer, device
+        nn.ModuleList(gates), mean, std, "ce", lr or default_lr(bool(hidden)), 1e-4, reducer, device
     )
     for head, start, m, sd in zip(trainer.heads, init or [], mean, std):
         if start is not None:

@@ -28,10 +28,10 @@ def tiny_gated(seed: int = 0) -> timm_dgate.GatedModel:
     return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
 
 
-def trained_gated(folder: Path) -> timm_dgate.GatedModel:
+def trained_gated(folder: Path, gate_hidden: int = 0) -> timm_dgate.GatedModel:
     """Gates on the ``trained_backbone`` fixture's model, loaded as a user would (timm's local-dir)."""
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
+    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE), gate_hidden=gate_hidden)
 
 
 def hooks(model: nn.Module) -> int:

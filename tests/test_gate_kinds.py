@@ -184,3 +184,19 @@ def test_survivor_kind_leaves_closed_gates_and_no_stale_profile(trained_caches):
     assert gated.profiles == {} and gated.active_profile is None
     assert all(t == math.inf for t in gated.thresholds)
     assert gated.gate_loss == "ce" and gated.exit_score == "softmax"
+
+
+def test_a_plain_fit_of_mlp_gates_trains_them_as_the_measured_mlp_kind(trained_backbone, trained_caches):
+    """``wrap(..., gate_hidden=128)`` then ``fit(model, data, loss="ce")``: the Python API's defaults give the gates
+    the benchmarks measured as ``mlp`` (its rate, not the linear gates' twenty times larger one)."""
+    train, _ = trained_caches
+    gates = []
+    for how in ("fit", "kind"):
+        torch.manual_seed(0)
+        gated = trained_gated(trained_backbone, gate_hidden=GATE_KINDS["mlp"].hidden)
+        if how == "fit":
+            fit(gated, train, loss="ce", epochs=30, progress=False)
+        else:
+            fit_kind(gated, train, GATE_KINDS["mlp"], epochs=30, progress=False)
+        gates.append([p.detach().clone() for p in gated.gates.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*gates, strict=True))

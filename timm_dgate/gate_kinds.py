@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 from .cache import FeatureCache
 from .calibration import calibrate
 from .losses import check_gate_loss
-from .training import FitReport, fit, survivor_weights
+from .training import FitReport, default_lr, fit, survivor_weights
 
 if TYPE_CHECKING:
     from .model import GatedModel
-
-LINEAR_LR, MLP_LR = 0.2, 0.01  # full-batch Adam: a convex linear gate takes large steps, an MLP does not
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class GateKind:
 
     @property
     def lr(self) -> float:
-        return MLP_LR if self.hidden else LINEAR_LR
+        return default_lr(bool(self.hidden))
 
 
 GATE_KINDS: dict[str, GateKind] = {

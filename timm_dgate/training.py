@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from .model import GatedModel
 
 
+LINEAR_LR, MLP_LR = 0.2, 0.01  # full-batch Adam: a convex linear gate takes large steps, an MLP does not
+
+
+def default_lr(hidden: bool) -> float:
+    """The Adam learning rate gates train well at: large for linear gates, small for gates with a hidden layer."""
+    return MLP_LR if hidden else LINEAR_LR
+
+
 @dataclass
 class FitReport:
     """What a fit did: per-gate training accuracy and final loss, samples seen, processes used."""
@@ -156,7 +164,7 @@ def fit(
     *,
     loss: str = "hinge",
     epochs: int = 300,
-    lr: float = 0.2,
+    lr: float | None = None,
     reg: float = 1e-4,
     stream: bool = False,
     stats_batches: int = 20,
@@ -175,7 +183,9 @@ def fit(
             Accelerate), or a :class:`~timm_dgate.cache.FeatureCache` made earlier.
         loss: ``hinge`` (the paper's gates) or ``ce`` (the cross-entropy baseline).
         epochs: passes over the data; on the cache each pass is one full-batch Adam step.
-        lr, reg: Adam learning rate (cosine-decayed) and the L2 weight ``lambda ||W||^2``.
+        lr, reg: Adam learning rate (cosine-decayed; default :func:`default_lr` for the
+            model's gates, so MLP gates from ``wrap(..., gate_hidden=N)`` do not diverge at the
+            linear gates' rate) and the L2 weight ``lambda ||W||^2``.
         stream: run the backbone every step (minibatch steps) instead of caching features;
             use it with augmented loaders. Feature statistics come from ``stats_batches`` batches.
         accelerator: an ``accelerate.Accelerator``; gradients are summed across its processes.
@@ -216,6 +226,8 @@ def fit(
             )
         stats_source = data.chunks()
     mean, std, total = _feature_stats(stats_source, reducer, device)
+    if lr is None:
+        lr = default_lr(any(len(gate.layers()) > 1 for gate in model.gates))
     trainer = _GateTrainer(model.gates, mean, std, loss, lr, reg, reducer, device)
     if sample_weights is None:
         totals = torch.full((model.num_gates,), float(total), device=device)
