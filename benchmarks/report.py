@@ -326,7 +326,8 @@ def setup_table(results: list[dict], records: dict[str, dict]) -> str:
         eo = ", ".join(f"`{g}`" for g in r.get("earlyon_layers", [])) if r else ""
         gain = rec.get("gain_last_3_epochs")
         converged = "–" if gain is None else f"{gain:+.2f} pt ({'converged' if rec['converged'] else 'not converged'})"
-        took = f" · {rec['train_seconds'] / 60:.0f} min" if rec.get("train_seconds") else ""
+        where = f" on {rec['trained_on']}" if rec.get("trained_on") and rec["trained_on"] != "cpu" else ""
+        took = f" · {rec['train_seconds'] / 60:.0f} min{where}" if rec.get("train_seconds") else ""
         lines.append(f"| `{name}` | {rec['epochs']}{took} | {converged} | {pct(rec['val_accuracy'])} | "
                      f"{pct(rec['accuracy'])} | {rec['gflops']:.4f} | {gates} | {eo or '–'} |")
     return "\n".join(lines)
