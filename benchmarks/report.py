@@ -2,7 +2,8 @@
 
 Why separate: the measurements take most of an hour; the document can be rewritten in a
 second. placement.py's and cascade.py's own reports in the results folder
-(``benchmarks-placement.md``, ``cascade/*.md``) become sections of it. Text under the heading
+(``benchmarks-placement.md``, ``cascade/*.md``) and exits_per_class.py's
+(``exits_per_class_<model>.md``) become sections of it. Text under the heading
 ``## Reading the numbers`` in an existing document is kept, so the hand-written discussion
 survives a regeneration.
 
@@ -50,9 +51,12 @@ def included(report: Path, title: str, img: Path) -> list[str]:
         lines = lines[1:]
     out = [f"## {title}", ""]
     for line in lines:
-        for picture in re.findall(r"!\[[^]]*]\(([^)/]+\.png)\)", line):
-            shutil.copy(report.parent / picture, img / f"{report.parent.name}_{picture}")
-            line = line.replace(f"]({picture})", f"](img/{report.parent.name}_{picture})")
+        for link in re.findall(r"!\[[^]]*]\(([^)]+\.png)\)", line):
+            picture = (report.parent / link).resolve()
+            kept = img / (picture.name if picture.parent == img.resolve() else f"{report.parent.name}_{picture.name}")
+            if picture != kept.resolve():
+                shutil.copy(picture, kept)
+            line = line.replace(f"]({link})", f"](img/{kept.name})")
         out.append(f"#{line}" if line.startswith("#") else line)
     return [*out, ""]
 
@@ -411,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parts += included(args.results / "benchmarks-placement.md", "Where the gates sit: stage ends or every block", img)
     for report in sorted((args.results / "cascade").glob("*.md")):
         parts += included(report, f"Cascades: {report.stem}", img)
+    for report in sorted(args.results.glob("exits_per_class_*.md")):
+        parts += included(report, f"Where each class exits: {report.stem.removeprefix('exits_per_class_')}", img)
     train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
     parts += ["## Cost of fitting", "", fit_table(results), "",
               f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
