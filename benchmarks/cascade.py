@@ -96,6 +96,10 @@ def score(model: GatedModel | Cascade, val_data: object, val: ExitTable, test: E
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.replot:
+        stem = "-".join(args.pair)
+        write(args.out, stem, json.loads((args.out / f"{stem}.json").read_text()))
+        return
     started, env = time.perf_counter(), machine()
     small, big = args.pair
     defaults = PAIRS.get((small, big), {"statics": [small, big], "gated": [big]})
@@ -290,7 +294,7 @@ def write(folder: Path, stem: str, out: dict) -> None:
         f"({out['images']['val']} images), measured on test ({out['images']['test']} images); {out['gate_kind']} "
         f"gates; {out['machine']}.\n\n"
         + "\n".join(lines)
-        + f"\n\n{verdict}\n\n![accuracy against GFLOPs]({stem}.png)\n"
+        + f"\n\n{verdict}\n\n![accuracy against GFLOPs]({stem}.png)\n\n![accuracy against images/s]({stem}_speed.png)\n"
     )
     curves = {k: v["front"] for k, v in variants.items() if "front" in v}
     points = [(k, v["accuracy"], v["gflops"]) for k, v in variants.items() if "front" not in v]
@@ -303,7 +307,32 @@ def write(folder: Path, stem: str, out: dict) -> None:
         profiles=points,
         title=f"{out['pair'][0]} -> {out['pair'][1]}: static, gated and cascaded",
     )
-    print(f"wrote {folder / stem}.json/.md/.png")
+    plot_speed(out, folder / f"{stem}_speed.png")
+    print(f"wrote {folder / stem}.json/.md/.png and {stem}_speed.png")
+
+
+def plot_speed(out: dict, path: Path) -> None:
+    """Test accuracy against images/s, one panel per batch size: every timed variant as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = {k: v["accuracy"] for k, v in out["variants"].items() if "points" not in v}
+    accuracy |= {f"{k} {p['target']}": p["accuracy"] for k, v in out["variants"].items() for p in v.get("points", [])}
+    batches = sorted({r["batch"] for r in out["speed"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for row in (r for r in out["speed"] if r["batch"] == batch):
+            kind = row["variant"].split()[0]
+            ax.scatter(row["images_per_s"], 100 * accuracy[row["variant"]], marker={"static": "s"}.get(kind, "o"))
+            ax.annotate(row["variant"], (row["images_per_s"], 100 * accuracy[row["variant"]]), fontsize=6)
+        ax.set(title=f"batch {batch}", xlabel="images/s (higher is better)", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{out['pair'][0]} -> {out['pair'][1]}: accuracy against speed ({out['machine']})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -320,6 +349,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="random weights: checks the script runs, nothing more")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cascade"))
+    parser.add_argument("--replot", action="store_true", help="rewrite the report and plots from the saved JSON")
     return parser.parse_args(argv)
 
 
