@@ -42,6 +42,7 @@ from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
 from timm_dgate.plots import plot_tradeoff
 from timm_dgate.profiles import encode_thresholds
 from timm_dgate.timing import interleaved, paired_ratio
+from timm_dgate.training import DEFAULT_EPOCHS
 
 # pair -> the static and gated models measured beside its cascades (issue 15's list)
 PAIRS = {
@@ -341,7 +342,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--statics", nargs="+", default=None, help="static models to measure (default: per pair)")
     parser.add_argument("--gated", nargs="+", default=None, help="models to gate (default: per pair)")
     parser.add_argument("--gate-kind", default=DEFAULT_GATE_KIND, choices=list(GATE_KINDS))
-    parser.add_argument("--gate-epochs", type=int, default=300)
+    parser.add_argument("--gate-epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split (smoke runs)")
     parser.add_argument("--val-size", type=int, default=5000, help="validation images carved from train")

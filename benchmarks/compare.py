@@ -39,6 +39,7 @@ from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.fashion_mnist import TensorBatches, load_splits, preprocess
 from timm_dgate.gate_kinds import GATE_KINDS
 from timm_dgate.timing import per_image, time_pass
+from timm_dgate.training import DEFAULT_EPOCHS
 
 # its stage 2 runs the backbone every step (the dominant cost here); its own default is 20 epochs
 EARLYON_EPOCHS = {"resnet18": 10, "resnet50": 5}
@@ -239,10 +240,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="default runs/bench (quick: runs/bench-quick)")
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="images per split (smoke runs)")
-    parser.add_argument("--quick", action="store_true", help="--limit 512, 30 gate epochs, 1 earlyon epoch")
+    parser.add_argument("--quick", action="store_true", help="--limit 512, 5 gate epochs, 1 earlyon epoch")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="training images the gates and earlyon's heads learn from (default: all 55,000)")
-    parser.add_argument("--gate-epochs", type=int, default=300)
+    parser.add_argument("--gate-epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--earlyon-epochs", type=int, default=None)
     parser.add_argument("--no-earlyon", action="store_true")
     parser.add_argument("--plain-pass-images", type=int, default=None,
@@ -252,7 +253,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.limit = args.limit or 512
-        args.gate_epochs, args.earlyon_epochs = 30, args.earlyon_epochs or 1
+        args.gate_epochs, args.earlyon_epochs = 5, args.earlyon_epochs or 1
     args.out = args.out or Path("runs/bench-quick" if args.quick else "runs/bench")
     return args
 

@@ -24,6 +24,7 @@ from common import load_trained
 from timm_dgate import wrap
 from timm_dgate.cache import FeatureCache
 from timm_dgate.gate_kinds import GATE_KINDS, fit_kind
+from timm_dgate.training import DEFAULT_EPOCHS
 
 
 def maxrss_mib() -> float:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--kind", choices=list(GATE_KINDS), required=True)
     parser.add_argument("--val-cache", type=Path, help="validation features (kinds with survivor refits)")
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import torch
 
 from timm_dgate import cache_features, fit, wrap
 from timm_dgate.fashion_mnist import TensorBatches, load_splits
+from timm_dgate.training import DEFAULT_EPOCHS
 
 
 def maxrss_mib() -> float:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--images", type=int, default=3000, help="Fashion-MNIST training images")
     parser.add_argument("--input-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=300, help="full-batch steps, as fit's default")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the cache, as fit's default")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, in_chans=1, num_classes=10).eval()

@@ -30,6 +30,7 @@ from timm_dgate import FeatureCache, GatedModel, cache_features, calibrate, fit,
 from timm_dgate.calibration import ExitTable
 from timm_dgate.errors import CalibrationError
 from timm_dgate.fashion_mnist import TensorBatches, load_splits
+from timm_dgate.training import DEFAULT_EPOCHS
 
 DROPS = (0.0, 0.5, 1.0)  # accuracy points below the plain model on validation
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["resnet50", "convnext_atto"])
     parser.add_argument("--root", type=Path, default=ROOT, help="trained backbones, one timm folder per model")
     parser.add_argument("--input-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=300, help="gate fitting: full-batch steps")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="gate fitting: passes over the cache")
     parser.add_argument("--train-images", type=int, default=20000, help="first N training images fit the gates")
     parser.add_argument("--val-images", type=int, default=None, help="first N validation images (default: all)")
     parser.add_argument("--test-images", type=int, default=None, help="first N test images (default: all)")

@@ -8,7 +8,7 @@ the gates are fit (ZTW's normalised weighted geometric mean). Both are measured 
 and MLP gates, and combined, beside hinge gates (the paper), linear CE gates with max-softmax
 (Shallow-Deep Networks) and MLP gates (the recipe's default), all on one train / validation /
 test cache of the same backbone, with the library's own trainer (``_GateTrainer``: standardised
-features, full-batch Adam, cosine schedule; a cascaded gate k >= 1 starts from the plain gate k
+features, mini-batch Adam, cosine schedule; a cascaded gate k >= 1 starts from the plain gate k
 with zero weight on the logits and is fine-tuned for ``--cascade-epochs`` at ``--cascade-lr``,
 gate 0 is the plain gate) and its own threshold search
 (``search_thresholds``, coordinate, the targets of ``DROPS``). Thresholds come from validation
@@ -21,8 +21,7 @@ it never lets anybody out. A cascaded gate's own FLOPs are counted on its wider 
 ensemble's combination (``k + 1`` weighted log-softmax vectors) is counted at 2 FLOPs per
 multiply-add like everything else.
 
-    PYTHONPATH=. nice -n 19 /work/main/.venv/bin/python benchmarks/ztw.py --backbones /work/main/runs/backbones \
-        --gates-from /work/main/runs/bench/resnet18 --threads 1 --cascade-epochs 100 --cascade-lr 0.001
+    .venv/bin/python benchmarks/ztw.py --model resnet18 --gates-from runs/bench/resnet18 --threads 1
 
 writes ``<out>/resnet18/ztw.json`` (default out: ``runs/bench/ztw``) and prints the table; the
 numbers and what they mean are in docs/concepts.md ("Zero Time Waste's exits"). ``--gates-from``
@@ -53,7 +52,14 @@ from timm_dgate.flops import GateCosts, count_flops
 from timm_dgate.gate_kinds import GATE_KINDS, fit_kind
 from timm_dgate.gates import DecisionGate, gate_head
 from timm_dgate.scores import exit_score
-from timm_dgate.training import _feature_stats, _GateTrainer, default_lr
+from timm_dgate.training import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    _feature_stats,
+    _fit_cached,
+    _GateTrainer,
+    default_lr,
+)
 
 MLP_HIDDEN = GATE_KINDS["mlp"].hidden
 CURVE_FLOORS = {"iso": 0.001, "-0.5pt": 0.005}  # test accuracy floors (as DROPS) for the descriptive curve read
@@ -144,19 +150,21 @@ class Exits:
 
 def fit_heads(
     features: list[torch.Tensor],
-    labels: torch.Tensor,
+    train: FeatureCache,
     hidden: int,
     epochs: int,
     seed: int = 0,
     init: list[nn.Sequential | None] | None = None,
     lr: float | None = None,
 ) -> list:
-    """CE gates on ``features`` with the library's trainer (the ``ce`` / ``mlp`` kinds' loss, lr and schedule).
+    """CE gates on ``features`` (rows of ``train``) with the library's trainer: the ``ce`` / ``mlp`` kinds' loss,
+    lr, mini-batches and schedule.
 
     ``init[i]``: fitted layers to start gate i from, on the first columns of its features (the
     others start at zero weight), so the fit begins exactly where that gate ended.
     """
     torch.manual_seed(seed)
+    labels = train.labels
     gates = [_Layers(gate_head(f.shape[1], int(labels.max()) + 1, hidden)) for f in features]
     reducer = Reducer(None)
     device = torch.device("cpu")
@@ -167,11 +175,8 @@ def fit_heads(
     for head, start, m, sd in zip(trainer.heads, init or [], mean, std):
         if start is not None:
             warm_start(head, start, m, sd)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=epochs)
-    totals = torch.full((len(gates),), float(total))
-    for _ in range(epochs):
-        trainer.step([(features, labels, None)], totals)
-        schedule.step()
+    rows = FeatureCache(features, train.logits, labels, train.split, train.fingerprints)
+    _fit_cached(trainer, rows, 0.0, None, epochs, -(-total // DEFAULT_BATCH_SIZE), "", progress=False)
     trainer.fold_into(nn.ModuleList(gates))
     return [g.seq.eval() for g in gates]
 
@@ -225,7 +230,7 @@ def fit_cascade(
     heads, outputs = [plain[0]], [apply([plain[0]], [train.features[0]])[0]]
     for k in range(1, len(train.features)):
         inputs = torch.cat([train.features[k], *(outputs[-1:] if previous_only else outputs)], 1)
-        (head,) = fit_heads([inputs], train.labels, hidden, epochs, seed=k, init=[plain[k]], lr=lr)
+        (head,) = fit_heads([inputs], train, hidden, epochs, seed=k, init=[plain[k]], lr=lr)
         heads.append(head)
         outputs.append(apply([head], [inputs])[0])
         before = (apply([plain[k]], [train.features[k]])[0].argmax(1) == train.labels).double().mean()
@@ -469,12 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"))
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/ztw-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ztw"))
-    parser.add_argument("--epochs", type=int, default=300, help="full-batch epochs of a library kind fit here")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs of a library kind fit here")
     parser.add_argument(
         "--cascade-epochs",
         type=int,
-        default=100,
-        help="full-batch epochs of each cascaded gate's fit (warm-started from the plain gate)",
+        default=DEFAULT_EPOCHS,
+        help="epochs of each cascaded gate's fine-tune (warm-started from the plain gate)",
     )
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
@@ -495,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cascade-lr",
         type=float,
         default=None,
-        help="Adam lr of the cascaded gates' fine-tune (default: the kind's own, 0.2 linear, 0.01 MLP)",
+        help="Adam lr of the cascaded gates' fine-tune (default: the kind's own, default_lr)",
     )
     parser.add_argument(
         "--only",

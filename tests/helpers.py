@@ -21,11 +21,11 @@ def batches(data, batch_size: int = 250) -> list[tuple[torch.Tensor, torch.Tenso
     return list(TensorBatches(data, SIZE, batch_size))
 
 
-def tiny_gated(seed: int = 0) -> timm_dgate.GatedModel:
+def tiny_gated(seed: int = 0, gate_hidden: int = 0) -> timm_dgate.GatedModel:
     """Random weights: the plain model scores chance, which ``calibrate`` and ``evaluate`` refuse by default."""
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=10).eval()
-    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE))
+    return timm_dgate.wrap(model, input_size=(1, SIZE, SIZE), gate_hidden=gate_hidden)
 
 
 def trained_gated(folder: Path, gate_hidden: int = 0) -> timm_dgate.GatedModel:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from .helpers import batches, run_launch, tiny_gated
 
 WORKER = Path(__file__).parent / "workers" / "fit_worker.py"
+KINDS = {"linear": 0, "mlp": 16}  # as the worker fits them
 # Two processes sum their gradients in another order than one process does: float32
 # round-off only. The gates' margins on held-out data agree to this fraction of their scale.
 RELATIVE_TOLERANCE = 1e-3
@@ -24,6 +25,7 @@ def _env() -> dict[str, str]:
 
 
 def test_two_processes_end_with_identical_gates_matching_one_process(tmp_path, fmnist):
+    """Mini-batch steps over two shards take the one-process steps: linear and MLP gates alike."""
     launcher = Path(sys.executable).with_name("accelerate")
     launched = run_launch(
         [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -33,20 +35,21 @@ def test_two_processes_end_with_identical_gates_matching_one_process(tmp_path, f
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     subprocess.run([sys.executable, str(WORKER), str(tmp_path)], check=True, env=_env(), timeout=300)
-    rank0 = load_file(tmp_path / "gates_rank0_of2.safetensors")
-    rank1 = load_file(tmp_path / "gates_rank1_of2.safetensors")
-    single = load_file(tmp_path / "gates_rank0_of1.safetensors")
-    for key in single:
-        assert torch.equal(rank0[key], rank1[key]), f"ranks differ on {key}"
-    gated = tiny_gated(seed=0)  # the worker's backbone
     images, _ = batches(fmnist.val)[0]
-    margins = {}
-    for name, state in (("two", rank0), ("one", single)):
-        gated.gates.load_state_dict(state)
-        with torch.no_grad():
-            margins[name], _ = gated.forward_gates(images)
-    for two, one in zip(margins["two"], margins["one"]):
-        assert (two - one).abs().max() <= RELATIVE_TOLERANCE * one.abs().max()
-        assert (two.argmax(1) == one.argmax(1)).float().mean() >= 0.99
-    with safe_open(tmp_path / "gates_rank0_of2.safetensors", "pt") as f:
-        assert f.metadata()["num_samples"] == "600"  # every sample counted once across the ranks
+    for kind, hidden in KINDS.items():
+        rank0 = load_file(tmp_path / f"{kind}_rank0_of2.safetensors")
+        rank1 = load_file(tmp_path / f"{kind}_rank1_of2.safetensors")
+        single = load_file(tmp_path / f"{kind}_rank0_of1.safetensors")
+        for key in single:
+            assert torch.equal(rank0[key], rank1[key]), f"{kind}: ranks differ on {key}"
+        gated = tiny_gated(seed=0, gate_hidden=hidden)  # the worker's backbone
+        margins = {}
+        for name, state in (("two", rank0), ("one", single)):
+            gated.gates.load_state_dict(state)
+            with torch.no_grad():
+                margins[name], _ = gated.forward_gates(images)
+        for two, one in zip(margins["two"], margins["one"]):
+            assert (two - one).abs().max() <= RELATIVE_TOLERANCE * one.abs().max(), kind
+            assert (two.argmax(1) == one.argmax(1)).float().mean() >= 0.99, kind
+        with safe_open(tmp_path / f"{kind}_rank0_of2.safetensors", "pt") as f:
+            assert f.metadata()["num_samples"] == "600"  # every sample counted once across the ranks

@@ -111,3 +111,53 @@ def test_cache_spills_to_disk_past_its_memory_bound(fmnist, tmp_path):
     loaded = FeatureCache.load(tmp_path / "cache.safetensors")
     assert loaded.split == "train" and torch.equal(loaded.labels, in_memory.labels)
     assert torch.equal(loaded.fingerprints, in_memory.fingerprints)  # a reloaded cache still knows its images
+
+
+def _permuted(cache: FeatureCache, order: torch.Tensor) -> FeatureCache:
+    return FeatureCache([f[order] for f in cache.features], cache.logits[order], cache.labels[order], cache.split,
+                        cache.fingerprints[order])
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_a_minibatch_fit_does_not_depend_on_which_rows_a_process_holds_or_their_order(caches, hidden):
+    """Batches are sets of images, not of row numbers: shuffled rows (another shard layout) give the same gates."""
+    train, _ = caches
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    fitted = []
+    for cache in (train, _permuted(train, order)):
+        gated = tiny_gated(gate_hidden=hidden)
+        fit(gated, cache, loss="ce", epochs=6, batch_size=64, progress=False)
+        fitted.append(gated.gates.state_dict())
+    for key, value in fitted[0].items():
+        assert torch.allclose(fitted[1][key], value, rtol=1e-4, atol=1e-5), key
+
+
+def test_each_epoch_splits_the_rows_into_disjoint_batches_of_about_equal_size_and_reshuffles(caches):
+    from timm_dgate.minibatches import epoch_batches
+
+    keys = caches[0].fingerprints
+    epochs = [epoch_batches(keys, epoch, num_batches=8) for epoch in range(2)]
+    for batches_ in epochs:
+        rows = torch.cat(batches_).sort().values
+        assert torch.equal(rows, torch.arange(len(keys)))  # every row once
+        sizes = torch.tensor([len(b) for b in batches_], dtype=torch.float)
+        assert sizes.min() > 0.6 * len(keys) / 8 and sizes.max() < 1.4 * len(keys) / 8
+    first = {int(r) for r in epochs[0][0]}
+    assert len(first & {int(r) for r in epochs[1][0]}) < 0.5 * len(first)  # a new draw each epoch
+
+
+def test_minibatch_steps_reach_gates_at_least_as_accurate_as_full_batch_steps_at_a_tenth_of_the_passes(caches):
+    """Why mini-batches are the default: ten passes with batches of 64 train what 100 full-batch steps do."""
+    train, val = caches
+    full, mini = tiny_gated(), tiny_gated()
+    fit(full, train, loss="ce", epochs=100, batch_size=None, lr=0.2, progress=False)
+    fit(mini, train, loss="ce", epochs=10, batch_size=64, progress=False)
+    for a, b in zip(gate_accuracy(mini, val), gate_accuracy(full, val)):
+        assert a >= b - 0.02
+
+
+def test_fit_refuses_a_batch_size_or_epoch_count_below_one(caches):
+    with pytest.raises(ValueError, match="at least 1"):
+        fit(tiny_gated(), caches[0], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        fit(tiny_gated(), caches[0], epochs=0, progress=False)

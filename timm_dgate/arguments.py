@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 
 from .gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
+from .training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, LINEAR_LR, MLP_LR
 
 DESCRIPTION = (
     "Fit decision gates to a trained timm classifier, calibrate threshold profiles on validation data, "
@@ -100,9 +101,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     gates.add_argument("--gate-kind", choices=list(GATE_KINDS), default=DEFAULT_GATE_KIND,
                        help="how the gates are built and trained (docs/concepts.md, 'Gate kinds'); "
                             "mlp measured best, hinge is the paper's")
-    gates.add_argument("--gate-epochs", type=int, default=300, help="full-batch steps on the cached features")
+    gates.add_argument("--gate-epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the cached features")
+    gates.add_argument("--gate-batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE, metavar="N|full",
+                       help="images per Adam step on the cached features, over all processes; `full`: one "
+                            "full-batch step per epoch")
     gates.add_argument("--gate-lr", type=float, default=None,
-                       help="Adam learning rate, cosine-decayed (default: the kind's, 0.2 linear, 0.01 MLP)")
+                       help=f"Adam learning rate, cosine-decayed (default: the kind's, {LINEAR_LR:g} linear, "
+                            f"{MLP_LR:g} MLP)")
     gates.add_argument("--gate-reg", type=float, default=1e-4, help="L2 weight lambda of ||W||^2")
     add_cascade_arguments(parser)
     add_target_arguments(parser)
@@ -112,6 +117,19 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUTPUT/cache)")
     out.add_argument("--timing-images", type=int, default=1024, help="test images timed against the plain model")
     out.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the folder to this Hub repo")
+
+
+def _batch_size(text: str) -> int | None:
+    """``--gate-batch-size``: a positive count, or ``full`` (None: the whole cache per step)."""
+    if text == "full":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'full', got {text!r}")
+    return size
 
 
 def _names(text: str) -> list[str]:

@@ -77,6 +77,7 @@ def run_cascade_fit(config: RecipeConfig) -> int:
                 kind,
                 caches["validation"][i],
                 epochs=config.gate_epochs,
+                batch_size=config.gate_batch_size,
                 reg=config.gate_reg,
                 seed=config.seed,
                 **({"lr": config.gate_lr} if config.gate_lr else {}),

@@ -24,6 +24,7 @@ from .arguments import (
     check_target_arguments,
 )
 from .errors import CalibrationError, ChanceAccuracyError, HubFormatError, InputError, UnsupportedModelError
+from .training import DEFAULT_EPOCHS
 
 
 def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> int:
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="folder for results, plots and the cached backbone")
     demo.add_argument("--model", default="resnet18", help="timm architecture of the backbone")
     demo.add_argument("--backbone-epochs", type=int, default=4, help="epochs to train the backbone (first run only)")
-    demo.add_argument("--gate-epochs", type=int, default=300, help="full-batch steps on the cached features")
+    demo.add_argument("--gate-epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the cached features")
     demo.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
     demo.add_argument("--val-size", type=int, default=5000, help="validation images carved from train")
     demo.add_argument("--seed", type=int, default=0, help="seeds the validation split, training and gates")

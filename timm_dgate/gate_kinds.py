@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .cache import FeatureCache
 from .calibration import calibrate
 from .losses import check_gate_loss
-from .training import FitReport, default_lr, fit, survivor_weights
+from .training import DEFAULT_EPOCHS, FitReport, default_lr, fit, survivor_weights
 
 if TYPE_CHECKING:
     from .model import GatedModel
@@ -75,7 +75,7 @@ def fit_kind(
     kind: GateKind,
     val: FeatureCache | None = None,
     *,
-    epochs: int = 300,
+    epochs: int = DEFAULT_EPOCHS,
     **fit_options: object,
 ) -> FitReport:
     """Fit ``model``'s gates as ``kind`` says, on a training cache (``val`` too for survivor refits).

@@ -33,7 +33,7 @@ from .hub import BACKBONE_CONFIG_NAME
 from .model import GatedModel, wrap
 from .plots import plot_tradeoff
 from .reports import data_config_summary, recipe_results
-from .training import FitReport
+from .training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, FitReport
 from .version import __version__
 
 HUB_DIR, CACHE_DIR, PLOT_NAME = "hub", "cache", "tradeoff.png"
@@ -56,7 +56,8 @@ class RecipeConfig:
     std: tuple[float, ...] | None = None
     gates: tuple[str, ...] | None = None
     gate_kind: str = DEFAULT_GATE_KIND
-    gate_epochs: int = 300
+    gate_epochs: int = DEFAULT_EPOCHS
+    gate_batch_size: int | None = DEFAULT_BATCH_SIZE
     gate_lr: float | None = None
     gate_reg: float = 1e-4
     max_drop: tuple[float, ...] = (0, 0.5, 1, 2)
@@ -242,8 +243,9 @@ def run_fit(config: RecipeConfig) -> int:
     # every process holds all held-out rows, so survivor refits pick the same thresholds on every rank
     held_out = {name: reducer.gather_cache(caches[name]) for name in ("validation", "test") if name in caches}
     report = fit_kind(
-        gated, caches["train"], kind, held_out["validation"], epochs=config.gate_epochs, reg=config.gate_reg,
-        accelerator=accelerator, seed=config.seed, progress=accelerator.is_main_process,
+        gated, caches["train"], kind, held_out["validation"], epochs=config.gate_epochs,
+        batch_size=config.gate_batch_size, reg=config.gate_reg, accelerator=accelerator, seed=config.seed,
+        progress=accelerator.is_main_process,
         **({"lr": config.gate_lr} if config.gate_lr else {}),
     )
     say(f"{config.gate_kind} gates fitted on {report.num_samples} images by {report.num_processes} process(es); "

@@ -1,10 +1,11 @@
 """Train every gate against the frozen backbone, on one process or many (Accelerate).
 
 Default path: one backbone pass caches every gate's pooled features (``timm_dgate.cache``),
-then the gates train on that cache with full-batch Adam: each epoch is one pass over the
-cache, its gradient summed across processes, so every rank takes identical steps and a
-run on N processes matches a one-process run up to float summation order. The streaming
-path (``stream=True``) runs the backbone every step instead, for augmented data.
+then the gates train on that cache with mini-batch Adam. A batch is a global set of images
+(``timm_dgate.minibatches``: chosen by fingerprint, not by shard), each process steps on its
+share and the gradients are summed, so every rank takes identical steps and a run on N
+processes matches a one-process run up to float summation order. The streaming path
+(``stream=True``) runs the backbone every step instead, for augmented data.
 
 Gates train on standardised features and the standardisation is folded back into each
 gate's linear layer afterwards, so a trained gate is still exactly ``d = W^T x - b``.
@@ -13,7 +14,7 @@ gate's linear layer afterwards, so a trained gate is still exactly ``d = W^T x -
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from torch import nn
 from .cache import DEFAULT_MAX_MEMORY, FeatureCache, cache_features, check_labels
 from .distributed import Reducer
 from .losses import check_gate_loss, gate_loss
+from .minibatches import epoch_batches
 from .progress import progress_bar
 from .provenance import image_fingerprints
 from .scores import exit_score
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
     from .model import GatedModel
 
 
-LINEAR_LR, MLP_LR = 0.2, 0.01  # full-batch Adam: a convex linear gate takes large steps, an MLP does not
+DEFAULT_EPOCHS = 20  # passes over the training cache
+DEFAULT_BATCH_SIZE = 1024  # images per Adam step on a cache
+LINEAR_LR, MLP_LR = 0.03, 0.01  # Adam on standardised features: a convex linear gate takes larger steps than an MLP
 
 
 def default_lr(hidden: bool) -> float:
@@ -99,30 +103,35 @@ class _GateTrainer:
             out.append(z)
         return out
 
-    def step(self, batches: Iterable[Batch], totals: torch.Tensor) -> list[float]:
-        """One optimiser step on each gate's (weighted) mean loss; ``totals`` ``(K,)``: global weight per gate."""
+    def step(self, batch: Batch, totals: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on each gate's (weighted) mean loss over a global batch.
+
+        ``batch`` is this process's share; ``totals`` ``(K,)`` the batch's global weight per
+        gate. Returns this process's summed loss per gate (not yet reduced across processes).
+        """
         self.optimizer.zero_grad(set_to_none=False)
         device = self.heads[0][0].weight.device
-        losses = torch.zeros(len(self.heads), device=device)
-        for features, targets, weights in batches:
-            targets = targets.to(device)
-            per_gate = []
-            for k, margins in enumerate(self.margins([f.to(device) for f in features])):
-                per_sample = self.loss_fn(margins, targets, reduction="none")
-                per_gate.append((per_sample if weights is None else per_sample * weights[k].to(device)).sum())
-            per_gate = torch.stack(per_gate)
-            (per_gate / totals).sum().backward()
-            losses += per_gate.detach()
+        features, targets, weights = batch
+        targets = targets.to(device)
+        per_gate = []
+        for k, margins in enumerate(self.margins([f.to(device) for f in features])):
+            per_sample = self.loss_fn(margins, targets, reduction="none")
+            per_gate.append((per_sample if weights is None else per_sample * weights[k].to(device)).sum())
+        per_gate = torch.stack(per_gate)
+        (per_gate / totals.clamp_min(1e-12)).sum().backward()  # a gate weighing no sample here gets no gradient
         for param in self.heads.parameters():
             param.grad = self.reducer.sum(param.grad)
-        reg = torch.zeros(len(self.heads), device=device)
-        for k, head in enumerate(self.heads):
+        for head in self.heads:
             for layer in head:
                 if isinstance(layer, nn.Linear):
                     layer.weight.grad += 2 * self.reg * layer.weight.detach()
-                    reg[k] += self.reg * layer.weight.detach().square().sum()
         self.optimizer.step()
-        return (self.reducer.sum(losses) / totals + reg).tolist()
+        return per_gate.detach()
+
+    def penalty(self) -> list[float]:
+        """Each gate's L2 term ``reg * ||W||^2`` over its linear layers."""
+        linear = [[layer for layer in head if isinstance(layer, nn.Linear)] for head in self.heads]
+        return [self.reg * sum(layer.weight.detach().square().sum().item() for layer in layers) for layers in linear]
 
     @torch.no_grad()
     def fold_into(self, gates: nn.ModuleList) -> None:
@@ -163,7 +172,8 @@ def fit(
     data: Iterable | FeatureCache,
     *,
     loss: str = "hinge",
-    epochs: int = 300,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     lr: float | None = None,
     reg: float = 1e-4,
     stream: bool = False,
@@ -182,7 +192,9 @@ def fit(
         data: a loader of ``(images, labels)`` batches (this process's shard under
             Accelerate), or a :class:`~timm_dgate.cache.FeatureCache` made earlier.
         loss: ``hinge`` (the paper's gates) or ``ce`` (the cross-entropy baseline).
-        epochs: passes over the data; on the cache each pass is one full-batch Adam step.
+        epochs: passes over the data.
+        batch_size: images per Adam step on a cache, across all processes (``None``: the whole
+            cache, one full-batch step per epoch). A streamed fit steps once per loader batch.
         lr, reg: Adam learning rate (cosine-decayed; default :func:`default_lr` for the
             model's gates, so MLP gates from ``wrap(..., gate_hidden=N)`` do not diverge at the
             linear gates' rate) and the L2 weight ``lambda ||W||^2``.
@@ -212,6 +224,8 @@ def fit(
         len(sample_weights) != model.num_gates or any(len(w) != len(data) for w in sample_weights)
     ):
         raise ValueError(f"sample_weights needs {model.num_gates} tensors of {len(data)} weights (one per cached row)")
+    if epochs < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
     torch.manual_seed(seed)
     reducer = Reducer(accelerator)
     device = next(model.parameters()).device
@@ -229,30 +243,83 @@ def fit(
     if lr is None:
         lr = default_lr(any(len(gate.layers()) > 1 for gate in model.gates))
     trainer = _GateTrainer(model.gates, mean, std, loss, lr, reg, reducer, device)
-    if sample_weights is None:
-        totals = torch.full((model.num_gates,), float(total), device=device)
+    title = f"fitting {model.num_gates} {loss} gates"
+    if stream:
+        last, fingerprints = _fit_streamed(trainer, model, data, distill, epochs, title, progress)
     else:
-        totals = reducer.sum(torch.stack([w.sum().to(device, torch.float32) for w in sample_weights]))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=max(1, epochs))
-    last: list[float] = []
-    streamed: list[torch.Tensor] = []  # fingerprints of the images of the first streamed epoch
-    bar = progress_bar(range(epochs), f"fitting {model.num_gates} {loss} gates", enabled=progress)
-    for epoch in bar:
-        if stream:
-            for features, labels, logits in _pooled_batches(model, data, seen=streamed if epoch == 0 else None):
-                batch_total = reducer.sum(torch.tensor(float(len(labels)), device=device))
-                batch = (features, _targets(labels, logits, distill), None)
-                last = trainer.step([batch], batch_total.expand(model.num_gates))
-        else:
-            last = trainer.step(_cache_batches(data, distill, sample_weights), totals)
-        schedule.step()
-        bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
+        num_batches = 1 if batch_size is None else max(1, -(-total // batch_size))
+        last = _fit_cached(trainer, data, distill, sample_weights, epochs, num_batches, title, progress)
+        fingerprints = data.fingerprints
     trainer.fold_into(model.gates)
     model.set_gate_loss(loss, distill)
-    fingerprints = (torch.cat(streamed) if streamed else None) if stream else data.fingerprints
     model.seen_images.record_fit(None if fingerprints is None else reducer.gather_rows(fingerprints))
     accuracy = _train_accuracy(model, data, reducer, device) if isinstance(data, FeatureCache) else []
     return FitReport(loss, epochs, total, reducer.num_processes, accuracy, last)
+
+
+def _fit_cached(
+    trainer: _GateTrainer,
+    cache: FeatureCache,
+    distill: float,
+    sample_weights: Sequence[torch.Tensor] | None,
+    epochs: int,
+    num_batches: int,
+    title: str,
+    progress: bool,
+) -> list[float]:
+    """Mini-batch Adam on a cache, cosine-decayed over every step; returns the last epoch's loss per gate.
+
+    Rows join batches by their images' fingerprints (row numbers when a hand-made cache has
+    none: then only a one-process fit is reproducible across process counts).
+    """
+    device = trainer.heads[0][0].weight.device
+    reducer = trainer.reducer
+    keys = cache.fingerprints if cache.fingerprints is not None else torch.arange(len(cache))
+    targets = _targets(cache.labels, cache.logits, distill)
+    weights = torch.ones(1, len(cache)) if sample_weights is None else torch.stack(list(sample_weights))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=epochs * num_batches)
+    last: list[float] = []
+    bar = progress_bar(range(epochs), title, enabled=progress)
+    for epoch in bar:
+        batches = epoch_batches(keys, epoch, num_batches)
+        totals = reducer.sum(torch.stack([weights[:, rows].sum(1) for rows in batches], 1).to(device))
+        totals = totals.expand(len(trainer.heads), num_batches)
+        loss_sums = torch.zeros(len(trainer.heads), device=device)
+        for rows, batch_totals in zip(batches, totals.unbind(1)):
+            if not batch_totals.any():  # no process holds a row of this batch: no step anywhere
+                continue
+            batch_weights = None if sample_weights is None else [w[rows] for w in sample_weights]
+            loss_sums += trainer.step(([f[rows] for f in cache.features], targets[rows], batch_weights), batch_totals)
+            schedule.step()
+        epoch_loss = reducer.sum(loss_sums) / totals.sum(1).clamp_min(1e-12)
+        last = [loss + penalty for loss, penalty in zip(epoch_loss.tolist(), trainer.penalty())]
+        bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
+    return last
+
+
+def _fit_streamed(
+    trainer: _GateTrainer, model: GatedModel, loader: Iterable, distill: float, epochs: int, title: str, progress: bool
+) -> tuple[list[float], torch.Tensor | None]:
+    """Adam steps on pooled features computed batch by batch (cosine-decayed per epoch).
+
+    Returns the last batch's loss per gate and the fingerprints of the first epoch's images.
+    """
+    device = trainer.heads[0][0].weight.device
+    reducer = trainer.reducer
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=epochs)
+    last: list[float] = []
+    seen: list[torch.Tensor] = []
+    bar = progress_bar(range(epochs), title, enabled=progress)
+    for epoch in bar:
+        for features, labels, logits in _pooled_batches(model, loader, seen=seen if epoch == 0 else None):
+            batch_total = reducer.sum(torch.tensor(float(len(labels)), device=device))
+            batch = (features, _targets(labels, logits, distill), None)
+            loss_sums = trainer.step(batch, batch_total.expand(len(features)))
+            batch_loss = reducer.sum(loss_sums) / batch_total.clamp_min(1e-12)
+            last = [loss + penalty for loss, penalty in zip(batch_loss.tolist(), trainer.penalty())]
+        schedule.step()
+        bar.set_postfix(loss=f"{sum(last) / len(last):.4f}", refresh=False)
+    return last, torch.cat(seen) if seen else None
 
 
 def _pooled_batches(
@@ -278,19 +345,6 @@ def _targets(labels: torch.Tensor, logits: torch.Tensor, distill: float) -> torc
         return labels
     one_hot = nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.device, torch.float32)
     return (1.0 - distill) * one_hot + distill * logits.float().softmax(1)
-
-
-def _cache_batches(
-    cache: FeatureCache, distill: float, weights: Sequence[torch.Tensor] | None, size: int = 65536
-) -> Iterator[Batch]:
-    """Row slices of a cache as training batches: features, targets, and each gate's weights."""
-    for start in range(0, len(cache), size):
-        rows = slice(start, start + size)
-        yield (
-            [f[rows] for f in cache.features],
-            _targets(cache.labels[rows], cache.logits[rows], distill),
-            None if weights is None else [w[rows] for w in weights],
-        )
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
 from timm_dgate.losses import DEFAULT_EXIT_SCORE
 from timm_dgate.plots import plot_exits_per_class, plot_tradeoff
 from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
+from timm_dgate.training import DEFAULT_EPOCHS
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
 from .backbone import cached_backbone
@@ -39,7 +40,7 @@ class DemoConfig:
     model: str = "resnet18"
     input_size: int = 32
     backbone_epochs: int = 4
-    gate_epochs: int = 300
+    gate_epochs: int = DEFAULT_EPOCHS
     limit: int | None = None
     val_size: int = 5000
     seed: int = 0
