@@ -9,10 +9,12 @@ here (and from the ``earlyon_adapter`` module), never from each other.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +23,13 @@ import timm
 import torch
 from torch import nn
 
-from timm_dgate import GatedModel, calibrate
+from timm_dgate import GatedModel, cache_features, calibrate, wrap
 from timm_dgate.cache import FeatureCache
 from timm_dgate.calibration import ExitTable
 from timm_dgate.demo.backbone import TrainingRecord, cached_backbone
 from timm_dgate.demo.pipeline import DROPS
-from timm_dgate.fashion_mnist import Splits
+from timm_dgate.fashion_mnist import Splits, TensorBatches, load_splits
+from timm_dgate.flops import GateCosts
 from timm_dgate.gate_kinds import DEFAULT_GATE_KIND
 from timm_dgate.profiles import encode_thresholds
 from timm_dgate.scores import exit_score
@@ -158,3 +161,34 @@ def half_exit_thresholds(gated: GatedModel, images: torch.Tensor) -> tuple[float
     half = len(scores) // 2
     threshold = float((scores[half - 1] + scores[half]) / 2)
     return (threshold,) + (math.inf,) * (gated.num_gates - 1)
+
+
+CACHE_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+CACHE_DIR = Path("runs/caches")
+
+
+def split_caches(
+    name: str, backbones: Path, cache_dir: Path, input_size: int
+) -> tuple[dict[str, FeatureCache], GateCosts]:
+    """Train / validation / test caches of the backbone and its linear gates' costs (made once, then reloaded).
+
+    Benchmarks that only fit and calibrate gates share them (``ztw.py``, ``guarantee.py``).
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    paths = {key: cache_dir / f"{name}_{key}.safetensors" for key in CACHE_SPLITS}
+    costs_path = cache_dir / f"{name}_costs.json"
+    if not costs_path.exists() or not all(p.exists() for p in paths.values()):
+        model = wrap(load_trained(name, backbones), input_size=(1, input_size, input_size))
+        splits = load_splits()
+        for key, split in CACHE_SPLITS.items():
+            if not paths[key].exists():
+                start = time.perf_counter()
+                loader = TensorBatches(getattr(splits, key), input_size)
+                cache_features(model, loader, split=split, progress=False).save(paths[key])
+                print(f"  cached {key} in {time.perf_counter() - start:.0f}s", flush=True)
+        costs = model.costs
+        costs_path.write_text(json.dumps({"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}))
+    costs = GateCosts(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(costs_path.read_text()).items()}
+    )
+    return {key: FeatureCache.load(path) for key, path in paths.items()}, costs

@@ -27,7 +27,7 @@ writes ``<out>/resnet18/ztw.json`` (default out: ``runs/bench/ztw``) and prints 
 numbers and what they mean are in docs/concepts.md ("Zero Time Waste's exits"). ``--gates-from``
 loads the hinge, CE and MLP gates compare.py fit (else they are fit here with ``fit_kind``). On a
 busy machine keep ``--threads 1``: with two threads the fits ran about ten times slower. The
-three caches are kept in ``--cache-dir`` (default ``runs/ztw-cache``) and reused by later runs.
+three caches are kept in ``--cache-dir`` (default ``runs/caches``) and reused by later runs.
 """
 
 from __future__ import annotations
@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import load_trained
+from common import CACHE_DIR, load_trained, split_caches
 from torch import nn
 
-from timm_dgate import FeatureCache, cache_features, wrap
+from timm_dgate import FeatureCache, wrap
 from timm_dgate.calibration import ExitTable, Target, measured_tradeoff, search_thresholds
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.distributed import Reducer
-from timm_dgate.fashion_mnist import TensorBatches, load_splits
 from timm_dgate.flops import GateCosts, count_flops
 from timm_dgate.gate_kinds import GATE_KINDS, fit_kind
 from timm_dgate.gates import DecisionGate, gate_head
@@ -64,31 +63,6 @@ from timm_dgate.training import (
 MLP_HIDDEN = GATE_KINDS["mlp"].hidden
 CURVE_FLOORS = {"iso": 0.001, "-0.5pt": 0.005}  # test accuracy floors (as DROPS) for the descriptive curve read
 GROUPS = ("baselines", "ensembles", "cascade-ce", "cascade-mlp")
-SPLITS = {"train": "train", "val": "validation", "test": "test"}
-
-
-def caches(name: str, backbones: Path, cache_dir: Path, input_size: int) -> tuple[dict[str, FeatureCache], GateCosts]:
-    """Train / validation / test caches of the backbone and its linear gates' costs (made once, then reloaded)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    paths = {key: cache_dir / f"{name}_{key}.safetensors" for key in SPLITS}
-    costs_path = cache_dir / f"{name}_costs.json"
-    if not costs_path.exists() or not all(p.exists() for p in paths.values()):
-        model = wrap(load_trained(name, backbones), input_size=(1, input_size, input_size))
-        splits = load_splits()
-        for key, split in SPLITS.items():
-            if not paths[key].exists():
-                start = time.perf_counter()
-                loader = TensorBatches(getattr(splits, key), input_size)
-                cache_features(model, loader, split=split, progress=False).save(paths[key])
-                print(f"  cached {key} in {time.perf_counter() - start:.0f}s", flush=True)
-        costs = model.costs
-        costs_path.write_text(json.dumps({"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}))
-    costs = GateCosts(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(costs_path.read_text()).items()}
-    )
-    return {key: FeatureCache.load(path) for key, path in paths.items()}, costs
-
-
 def library_gates(kind: str, train: FeatureCache, args: argparse.Namespace) -> nn.ModuleList:
     """``kind``'s gates as compare.py made them: loaded from its ``<kind>_gates.pt``, else fit by ``fit_kind``."""
     spec = GATE_KINDS[kind]
@@ -343,7 +317,7 @@ def measure(exits: Exits, caches: dict[str, FeatureCache]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    cached, costs = caches(args.model, args.backbones, args.cache_dir, args.input_size)
+    cached, costs = split_caches(args.model, args.backbones, args.cache_dir, args.input_size)
     if args.limit:  # smoke runs: the first rows of every cache
         cached = {
             k: FeatureCache(
@@ -472,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--backbones", type=Path, default=Path("runs/backbones"))
-    parser.add_argument("--cache-dir", type=Path, default=Path("runs/ztw-cache"))
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ztw"))
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs of a library kind fit here")
     parser.add_argument(
@@ -530,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(merged)
         return
     if args.cache_only:
-        caches(args.model, args.backbones, args.cache_dir, args.input_size)
+        split_caches(args.model, args.backbones, args.cache_dir, args.input_size)
         return
     run(args)
 

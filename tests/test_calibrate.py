@@ -47,39 +47,38 @@ def paired_lower_bound(table: ExitTable, thresholds: tuple[float, ...], z: float
     return (change.mean() - z * change.std(correction=0) / math.sqrt(len(change))).item()
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_confidence_bound_is_met_and_costs_compute(seed):
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method", ["coordinate", "sequential"])
+def test_confident_thresholds_clear_the_bound_on_the_half_that_tested_them(seed, method):
+    """Learn then Test: thresholds proposed on one half must clear the paired bound on the other."""
     table = random_table(seed, n=1000)
     target = Target(max_drop=0.01, confidence=0.9)
-    sure = search_thresholds(table, target)
-    assert paired_lower_bound(table, sure, target.z) >= -0.01 - 1e-9
-    plain = search_thresholds(table, Target(max_drop=0.01))
-    assert table.evaluate(sure)[1] >= table.evaluate(plain)[1] - 1e-12
-    sequential = search_thresholds(table, target, "sequential")
-    assert paired_lower_bound(table, sequential, target.z) >= -0.01 - 1e-9
-    assert table.evaluate(sure)[1] <= table.evaluate(sequential)[1] + 1e-12
+    sure = search_thresholds(table, target, method)
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))  # the search's own split
+    assert paired_lower_bound(table.rows(order[500:]), sure, target.z) >= -0.01 - 1e-9
+    assert table.evaluate(sure)[1] <= COSTS.backbone / 1e9 + 1e-12
 
 
-def split_table(seed: int, n: int) -> tuple[ExitTable, ExitTable]:
-    whole = random_table(seed, 2 * n)
-    return (ExitTable(whole.scores[:, :n], whole.correct[:, :n], COSTS),
-            ExitTable(whole.scores[:, n:], whole.correct[:, n:], COSTS))
+def split_table(seed: int, n: int, test_n: int | None = None) -> tuple[ExitTable, ExitTable]:
+    whole = random_table(seed, n + (test_n or n))
+    return whole.rows(torch.arange(n)), whole.rows(torch.arange(n, len(whole.correct[0])))
 
 
 def test_confidence_keeps_profiles_above_target_on_unseen_data():
-    """What ``confidence`` is for: without it about half of all profiles miss their target on new data.
+    """What ``confidence`` promises: a profile meets its target on the population with that probability.
 
-    (Not down to 1%: the test split is a sample too, and the search picks the thresholds that
-    happen to look best on validation.)
+    The population is a 20,000-sample draw (its own noise: about 0.2 pt). Without ``confidence``
+    about half of all profiles miss; a bound checked on the very data that chose the thresholds
+    missed in a third of the re-splits of the converged resnet18 (docs/benchmarks.md).
     """
-    misses = {None: 0, 0.99: 0}
     seeds = range(30)
+    misses = {None: 0, 0.9: 0}
     for seed in seeds:
-        val, test = split_table(seed, 1000)
+        val, population = split_table(seed, 2000, 20_000)
         for confidence in misses:
             thresholds = search_thresholds(val, Target(max_drop=0.005, confidence=confidence))
-            misses[confidence] += test.evaluate(thresholds)[0] < test.plain_accuracy - 0.005
-    assert misses[None] >= 0.4 * len(seeds) and misses[0.99] <= 0.2 * len(seeds), misses
+            misses[confidence] += population.evaluate(thresholds)[0] < population.plain_accuracy - 0.005
+    assert misses[None] >= 0.4 * len(seeds) and misses[0.9] <= 0.15 * len(seeds), misses
 
 
 @pytest.mark.parametrize("seed", range(6))

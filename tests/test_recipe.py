@@ -164,6 +164,7 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
         (["fit", "--model", "no_such_model_xyz", "--data-dir", "{images}"], "timm could not create"),
         (["fit", "--model", "resnet5", "--data-dir", "{images}"], "did you mean resnet50"),
         (["fit", *MODEL], "--data-dir is required"),
+        (["fit", *MODEL, "--data-dir", "{images}", "--gate-batch-size", "0"], "a positive number of images or 'full'"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(argv, message, image_folder, fitted, capsys):
@@ -180,3 +181,12 @@ def test_recipe_script_reports_bad_arguments_like_argparse():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "invalid choice: 'svm'" in done.stderr
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("256", 256), ("full", None)])
+def test_gate_batch_size_flag_takes_a_count_or_full_batch(flag, expected, image_folder):
+    from timm_dgate.arguments import build_fit_parser
+    from timm_dgate.recipe import RecipeConfig
+
+    args = build_fit_parser().parse_args([*MODEL, "--data-dir", str(image_folder), "--gate-batch-size", flag])
+    assert RecipeConfig.from_args(args).gate_batch_size == expected

@@ -106,6 +106,10 @@ class ExitTable:
     def num_gates(self) -> int:
         return self.scores.shape[0]
 
+    def rows(self, index: torch.Tensor) -> ExitTable:
+        """The table restricted to the samples ``index``."""
+        return ExitTable(self.scores[:, index], self.correct[:, index], self.costs)
+
     @property
     def plain_accuracy(self) -> float:
         return self.correct[-1].double().mean().item()
@@ -293,17 +297,67 @@ def search_thresholds(
     ``coordinate`` descends from the sequential answer and from the optima of ``prices``
     trade-offs ``FLOPs - price * correct`` (which spread the accuracy budget over all gates
     instead of spending it at the first), and keeps the best; never worse than sequential.
+    With ``target.confidence`` the data is split in two halves, one to propose and one to test
+    (:func:`_search_then_test`), so that the bound holds for the thresholds chosen.
     Raises :class:`~timm_dgate.CalibrationError` when no thresholds meet the target.
     """
-    thresholds = _search(table, target, method, max_rounds, prices)
+    if method not in SEARCHES:
+        raise ValueError(f"unknown search {method!r}; expected one of {SEARCHES}")
+    if target.confidence is not None:
+        return _search_then_test(table, target, method, max_rounds, prices)
+    thresholds = _search(table, _goal(table, target), method, max_rounds, prices)
     _check_met(table, thresholds, _goal(table, target), target)
     return thresholds
 
 
-def _search(table: ExitTable, target: Target, method: str, max_rounds: int, prices: int) -> tuple[float, ...]:
-    if method not in SEARCHES:
-        raise ValueError(f"unknown search {method!r}; expected one of {SEARCHES}")
-    goal = _goal(table, target)
+# Candidates of a confident search: accuracy floors on the search half from 3 points above the
+# target to 1 point below it, in quarter points, strictest first.
+_CANDIDATE_OFFSETS = tuple(i / 400 for i in range(12, -5, -1))
+
+
+def _search_then_test(
+    table: ExitTable, target: Target, method: str, max_rounds: int, prices: int, seed: int = 0
+) -> tuple[float, ...]:
+    """Learn then Test (Angelopoulos et al. 2021): one half of the data proposes, the other tests in sequence.
+
+    A search that must clear a confidence bound on the data it searches picks the thresholds
+    whose accuracy that sample happens to overstate, so its profiles miss the target on new data
+    far more often than ``1 - confidence``. Here one half proposes threshold sets, strictest
+    first, and the other half tests them in that order, each at level ``1 - confidence``
+    (one-sided paired bound against the plain model); the cheapest set before the first
+    failure wins. The order is fixed before the testing half is seen, so no correction for
+    the many candidates is needed.
+    """
+    order = torch.randperm(table.scores.shape[1], generator=torch.Generator().manual_seed(seed))
+    half = len(order) // 2
+    search, test = table.rows(order[:half]), table.rows(order[half:])
+    point = Target(min_accuracy=target.min_accuracy, max_drop=target.max_drop)  # the floor, no bound
+    floor = _goal(search, point)
+    n = search.scores.shape[1]
+    candidates = {(math.inf,) * table.num_gates}
+    previous = None
+    for offset in _CANDIDATE_OFFSETS:
+        goal = _Goal("correct", floor.bound + math.ceil(offset * n), floor.changed, 0.0, floor.reference)
+        if previous is None or method == "sequential":
+            thresholds = _search(search, goal, method, max_rounds, prices)
+        else:  # a looser floor descends from the stricter answer, which meets it too: a tenth of a full search
+            thresholds = _descend(search, list(previous), goal, max_rounds)
+        if goal.shortfall(*_totals(search, thresholds, goal)).item() <= 1e-9:
+            candidates.add(tuple(thresholds))
+            previous = thresholds
+    sequence = sorted(candidates, key=lambda t: tuple(-v for v in search.evaluate(t)[1::-1]))  # costliest first
+    tested = _goal(test, target)
+    chosen = None
+    for thresholds in sequence:
+        if tested.shortfall(*_totals(test, thresholds, tested)).item() > 1e-9:
+            break
+        chosen = thresholds
+    if chosen is None:  # even every gate closed fails the bound: say by how much
+        _check_met(test, sequence[0], tested, target)
+    return chosen
+
+
+def _search(table: ExitTable, goal: _Goal, method: str, max_rounds: int, prices: int) -> tuple[float, ...]:
     sequential: list[float] = [math.inf] * table.num_gates
     for k in range(table.num_gates):  # the paper's pass: gate by gate, later gates closed
         sequential[k], _ = _best_for_gate(table, sequential, k, goal)
