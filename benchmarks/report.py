@@ -61,6 +61,42 @@ def included(report: Path, title: str, img: Path) -> list[str]:
     return [*out, ""]
 
 
+def status_block(document: str) -> list[str]:
+    """The hand-written ``> **Status ...`` blockquote under an existing document's title (kept, like the reading)."""
+    lines = document.splitlines()[1:]
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    block = []
+    for line in lines:
+        if not line.startswith(">"):
+            break
+        block.append(line)
+    return [*block, ""] if block and block[0].startswith("> **Status") else []
+
+
+def ztw_section(ztws: list[dict]) -> list[str]:
+    """``ztw.py``'s Zero Time Waste exits beside the library's kinds, per backbone (cell: test change / saved)."""
+    out = ["## Zero Time Waste's exits (cascaded inputs, ensembles)", "",
+           "`benchmarks/ztw.py` on the same caches and splits: gate k reads its pooled features and the earlier "
+           "gates' logits (*cascade*), or exit k decides with a learned weighted geometric mean of gates 0..k "
+           "(*ensemble*), for linear CE and MLP gates; the earlier gates' cost is charged whenever a later exit "
+           "needs them. Thresholds by the library's search on validation at each target; cell: test accuracy "
+           "change in points / FLOPs saved. Last column: the front chosen on validation, read on test at "
+           "≥ plain − 0.1 / − 0.5 pt (descriptive; – where only the plain model qualifies).", ""]
+    for z in ztws:
+        labels = list(next(iter(z["methods"].values()))["points"])
+        out += [f"### {z['model']} (plain test accuracy {pct(z['plain']['accuracy'])})", "",
+                "| exits | " + " | ".join(labels) + " | saved at test ≥ plain −0.1 / −0.5 pt |",
+                "|---|" + "---|" * (len(labels) + 1)]
+        for name, m in z["methods"].items():
+            cells = [f"{p['delta_pt']:+.2f} / {p['flops_saved']:.1f}%" for p in m["points"].values()]
+            reads = m["saved_at_test_accuracy"].values()
+            curve = " / ".join("–" if not v else f"{v:.1f}%" for v in reads)
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {curve} |")
+        out.append("")
+    return out
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -353,12 +389,15 @@ def main(argv: list[str] | None = None) -> None:
     records = {n: rec for n in names if (rec := load(RECORDS / f"{n}.json"))}
     img = args.out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    kept = ""
-    if args.out.exists() and KEEP in (old := args.out.read_text()):
-        kept = old[old.index(KEEP):]
+    kept, status = "", []
+    if args.out.exists():
+        old = args.out.read_text()
+        kept = old[old.index(KEEP):] if KEEP in old else ""
+        status = status_block(old)
     parts = [
         "# Benchmarks: gate kinds against other early-exit methods on Fashion-MNIST",
         "",
+        *status,
         "Fashion-MNIST, 1×32×32 (28×28 zero-padded, as the demo), backbones trained here with the demo's recipe "
         "(`benchmarks/backbones.py`, cached in timm's layout under `runs/backbones/<model>`). Every threshold is "
         "chosen on the 5,000-image validation split carved from train (seed 0, as the demo); every number "
@@ -415,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     guarantees = [g for name in args.models if (g := load(args.results / "guarantee" / f"{name}.json"))]
     if guarantees:
         parts += ["## Does a profile keep its target on new data?", "", guarantee_table(guarantees), ""]
+    ztws = [z for name in args.models if (z := load(args.results / "ztw" / name / "ztw.json"))]
+    if ztws:
+        parts += ztw_section(ztws)
     parts += included(args.results / "benchmarks-placement.md", "Where the gates sit: stage ends or every block", img)
     for report in sorted((args.results / "cascade").glob("*.md")):
         parts += included(report, f"Cascades: {report.stem}", img)
@@ -425,8 +467,8 @@ def main(argv: list[str] | None = None) -> None:
               f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
               "Plain pass: the plain model over those images at batch 256, right after the caching pass. "
               "Caching pass: `cache_features` over them (one backbone pass storing every gate's pooled input and "
-              "the logits). Fit: `timm_dgate.gate_kinds.fit_kind` on that cache (full-batch Adam, one step per "
-              "epoch; survivor refits included), in a fresh "
+              "the logits). Fit: `timm_dgate.gate_kinds.fit_kind` on that cache (mini-batch Adam, the library's "
+              "defaults; survivor refits included), in a fresh "
               "process (`benchmarks/fit_cost.py`); peak memory is "
               "`resource.getrusage(RUSAGE_SELF).ru_maxrss` after the fit minus before it (backbone and cache "
               "already loaded). tracemalloc is not used: torch's allocations bypass it.", "",

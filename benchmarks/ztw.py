@@ -299,7 +299,7 @@ def measure(exits: Exits, caches: dict[str, FeatureCache]) -> dict:
     curve = measured_tradeoff(val, test)  # the front chosen on validation, scored on test (compare.py's curve)
     at_equal = {  # descriptive, not deployable: the best point of that curve at or above each test accuracy
         label: max(
-            (100 * (1 - g * 1e9 / base) for a, g in curve if a >= test.plain_accuracy - drop + 0.001 - 1e-12),
+            (100 * (1 - g * 1e9 / base) for a, g in curve if a >= test.plain_accuracy - drop - 1e-12),
             default=None,
         )
         for label, drop in CURVE_FLOORS.items()

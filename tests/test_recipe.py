@@ -165,12 +165,13 @@ def test_calibrate_eval_bench_and_push_subcommands(tmp_path, fitted, image_folde
         (["fit", "--model", "resnet5", "--data-dir", "{images}"], "did you mean resnet50"),
         (["fit", *MODEL], "--data-dir is required"),
         (["fit", *MODEL, "--data-dir", "{images}", "--gate-batch-size", "0"], "a positive number of images or 'full'"),
+        (["demo", "--confidence", "0.3"], "--confidence must be in [0.5, 1), or 0 for none"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(argv, message, image_folder, fitted, capsys):
     argv = [a.format(images=image_folder, fitted=fitted / "hub") for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([*argv, "-j", "0"] if argv[0] != "bench" else argv)
+        cli.main([*argv, "-j", "0"] if argv[0] not in ("bench", "demo") else argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

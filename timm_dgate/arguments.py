@@ -68,8 +68,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, drops: Sequence[float]
     group.add_argument("--max-gflops", type=float, nargs="*", default=[], metavar="G",
                        help="average GFLOPs per image budgets, gates included")
     group.add_argument("--confidence", type=float, default=None, metavar="P",
-                       help="drop targets must hold for this lower confidence bound of the validation "
-                       "estimate, e.g. 0.9 (default: the estimate itself)")
+                       help="drop targets must hold on new data with this probability, e.g. 0.9: half the "
+                       "validation images propose thresholds, the other half tests them (default: the "
+                       "validation estimate itself, which new data misses about half the time)")
 
 
 def add_chance_argument(parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,8 @@ def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> i
 def _demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import DemoConfig, run_demo
 
+    if args.confidence and not 0.5 <= args.confidence < 1:  # checked before minutes of backbone training
+        raise InputError(f"--confidence must be in [0.5, 1), or 0 for none; got {args.confidence}")
     run_demo(
         DemoConfig(
             output=args.output,
@@ -47,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
             limit=args.limit,
             val_size=args.val_size,
             seed=args.seed,
-            confidence=args.confidence,
+            confidence=args.confidence or None,
             retrain=args.retrain,
         )
     )
@@ -213,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-size", type=int, default=5000, help="validation images carved from train")
     demo.add_argument("--seed", type=int, default=0, help="seeds the validation split, training and gates")
     demo.add_argument("--confidence", type=float, default=0.9,
-                      help="accuracy targets must hold for this lower confidence bound on validation (0.5: none)")
+                      help="accuracy targets must hold on new data with this probability (0: the validation "
+                      "estimate itself)")
     demo.add_argument("--retrain", action="store_true", help="train the backbone even if one is cached")
     demo.set_defaults(func=_demo)
 

@@ -45,7 +45,7 @@ class DemoConfig:
     val_size: int = 5000
     seed: int = 0
     retrain: bool = False
-    confidence: float = 0.9
+    confidence: float | None = 0.9  # None: targets met by the validation estimate itself
     timing_images: int = 2048
     timing_repeats: int = 3
 
