@@ -39,7 +39,10 @@ SEARCHES = ("sequential", "coordinate")
 
 @dataclass(frozen=True)
 class Target:
-    """What a profile must meet: an absolute accuracy, a drop from the plain model, or a FLOPs budget."""
+    """What a profile must meet: an absolute accuracy, a drop from the plain model, or a FLOPs budget.
+
+    ``confidence``: the probability with which an accuracy target must hold on new data.
+    """
 
     min_accuracy: float | None = None
     max_drop: float | None = None
@@ -444,9 +447,10 @@ def calibrate(
     A target the validation data cannot meet raises :class:`~timm_dgate.CalibrationError`
     naming the best reachable value, and nothing is stored or activated.
 
-    ``confidence`` (e.g. ``0.9``) makes an accuracy target hold for the validation estimate's
-    lower confidence bound rather than for the estimate itself: validation accuracy is itself
-    a sample, and without a margin half of all profiles land below their target on new data.
+    ``confidence`` (e.g. ``0.9``) makes an accuracy target hold on new data with that
+    probability rather than on the validation estimate: half of ``data`` proposes thresholds,
+    the other half tests them (:func:`search_thresholds`). Without it, more than half of all
+    profiles land below their target on new data; with it, expect fewer FLOPs saved.
 
     ``split`` is what the profile records as its calibration data (default: the cache's split
     name); say which images they were, so that later calibrations can be checked against it.
