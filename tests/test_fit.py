@@ -121,15 +121,16 @@ def _permuted(cache: FeatureCache, order: torch.Tensor) -> FeatureCache:
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_a_minibatch_fit_does_not_depend_on_which_rows_a_process_holds_or_their_order(caches, hidden):
     """Batches are sets of images, not of row numbers: shuffled rows (another shard layout) give the same gates."""
-    train, _ = caches
+    train, val = caches
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
-    fitted = []
+    margins = []
     for cache in (train, _permuted(train, order)):
         gated = tiny_gated(gate_hidden=hidden)
         fit(gated, cache, loss="ce", epochs=6, batch_size=64, progress=False)
-        fitted.append(gated.gates.state_dict())
-    for key, value in fitted[0].items():
-        assert torch.allclose(fitted[1][key], value, rtol=1e-4, atol=1e-5), key
+        margins.append(val.margins(gated.gates))
+    for one, other in zip(*margins):  # the same steps up to float summation order (threads, row order)
+        assert (one - other).abs().max() <= 1e-3 * one.abs().max()
+        assert (one.argmax(1) == other.argmax(1)).float().mean() >= 0.99
 
 
 def test_each_epoch_splits_the_rows_into_disjoint_batches_of_about_equal_size_and_reshuffles(caches):
