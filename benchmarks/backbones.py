@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RECORDS, ROOT, backbone_folder, load_backbone
 from torch import nn
 from torch.utils.data import TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks.*`
+
+from benchmarks.common import RECORDS, ROOT, backbone_folder, load_backbone
+from timm_dgate.core.costs import count_flops
 from timm_dgate.demo.backbone import TrainingRecord, accuracy
 from timm_dgate.fashion_mnist import load_splits
-from timm_dgate.flops import count_flops
 
 PLATEAU_POINTS = 0.2  # converged: less validation accuracy than this gained over the last 3 epochs
 

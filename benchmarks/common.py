@@ -1,10 +1,11 @@
 """What more than one benchmark script needs: the backbones, the methods compared, the machine.
 
 Why one module: the scripts run one after another on each other's files (``backbones.py``
-trains and records, ``compare.py`` fits and calibrates, ``speed.py`` times, ``report.py``
-writes the document), so they must agree on where the backbones live, how long each was
-trained, which methods are compared and what their profiles are called. Scripts import from
-here (and from the ``earlyon_adapter`` module), never from each other.
+trains and records, ``quality/compare.py`` fits and calibrates, ``speed/speed.py`` times,
+``report.py`` writes the document), so they must agree on where the backbones live, how long
+each was trained, which methods are compared and what their profiles are called. Scripts in
+every folder import from here (``benchmarks.common``) and from ``benchmarks.earlyon_adapter``,
+never from each other.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -24,16 +26,16 @@ import torch
 from torch import nn
 
 from timm_dgate import GatedModel, cache_features, calibrate, wrap
-from timm_dgate.cache import FeatureCache
-from timm_dgate.calibration import ExitTable
+from timm_dgate.core.cache import FeatureCache
+from timm_dgate.core.costs import GateCosts
+from timm_dgate.core.exit_table import ExitTable
+from timm_dgate.core.profiles import encode_thresholds
+from timm_dgate.core.scores import exit_score
 from timm_dgate.demo.backbone import TrainingRecord, cached_backbone
 from timm_dgate.demo.pipeline import DROPS
+from timm_dgate.evaluation.timing import Run
 from timm_dgate.fashion_mnist import Splits, TensorBatches, load_splits
-from timm_dgate.flops import GateCosts
-from timm_dgate.gate_kinds import DEFAULT_GATE_KIND
-from timm_dgate.profiles import encode_thresholds
-from timm_dgate.scores import exit_score
-from timm_dgate.timing import Run
+from timm_dgate.fitting.gate_kinds import DEFAULT_GATE_KIND
 
 # trained backbones; DGATE_BACKBONES points every script at another set (a longer schedule) at once
 ROOT = Path(os.environ.get("DGATE_BACKBONES", "runs/backbones"))
@@ -45,11 +47,11 @@ DEFAULT_EPOCHS = 12
 # gated model -> smaller static models of the same family it should beat
 STATIC = {"resnet18": ["resnet10t"], "resnet50": ["resnet18", "resnet10t"], "convnext_atto": ["convnext_zepto_rms"]}
 
-Variant = tuple[Run, Sequence[torch.Tensor]]  # what timm_dgate.timing.interleaved times: a callable, its batches
+Variant = tuple[Run, Sequence[torch.Tensor]]  # what evaluation.timing.interleaved times: a callable, its batches
 
 HINGE = "hinge d-gates (paper)"
 CE_SOFTMAX = "CE gates, max-softmax (SDN)"
-# method -> (gate kind of timm_dgate.gate_kinds, exit score). Methods of one kind share one wrapped model (the
+# method -> (gate kind of timm_dgate.fitting.gate_kinds, exit score). Methods of one kind share one wrapped model (the
 # two CE scores share the CE gates); every kind shares one train, validation and test cache and the same search
 METHODS = {
     HINGE: ("hinge", "margin"),
@@ -60,7 +62,7 @@ METHODS = {
     "MLP gates (CE)": ("mlp", "softmax"),
     "survivor-weighted CE gates": ("survivors", "softmax"),
 }
-# the method of the recipe's default gate kind (timm_dgate.gate_kinds.DEFAULT_GATE_KIND)
+# the method of the recipe's default gate kind (timm_dgate.fitting.gate_kinds.DEFAULT_GATE_KIND)
 DEFAULT_METHOD = next(m for m, (kind, _) in METHODS.items() if kind == DEFAULT_GATE_KIND)
 
 
@@ -105,6 +107,12 @@ def machine() -> str:
         cpu = platform.processor() or "unknown CPU"
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return f"{cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {load}"
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over repeats of ``a[r] / b[r]`` (seconds from ``interleaved``): each ratio compares runs taken
+    moments apart, so load from elsewhere cancels out."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def profile_name(score: str, target: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from timm_dgate.flops import GateCosts, measure_costs
+from timm_dgate.core.costs import GateCosts, measure_costs
 
 INSTALL = "earlyon is not installed: `.venv/bin/pip install -e '.[bench]'` (or `pip install earlyon==0.3.0`)"
 SUPPORTED = ("resnet18", "resnet50")

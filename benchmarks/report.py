@@ -20,12 +20,15 @@ import re
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-from common import CE_SOFTMAX, DEFAULT_METHOD, HINGE, METHODS, RECORDS, STATIC, machine
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks.*`
+
+from benchmarks.common import CE_SOFTMAX, DEFAULT_METHOD, HINGE, METHODS, RECORDS, STATIC, machine
 from timm_dgate.demo.pipeline import DROPS
 
 KEEP = "## Reading the numbers"
@@ -77,8 +80,8 @@ def status_block(document: str) -> list[str]:
 def ztw_section(ztws: list[dict]) -> list[str]:
     """``ztw.py``'s Zero Time Waste exits beside the library's kinds, per backbone (cell: test change / saved)."""
     out = ["## Zero Time Waste's exits (cascaded inputs, ensembles)", "",
-           "`benchmarks/ztw.py` on the same caches and splits: gate k reads its pooled features and the earlier "
-           "gates' logits (*cascade*), or exit k decides with a learned weighted geometric mean of gates 0..k "
+           "`benchmarks/quality/ztw.py` on the same caches and splits: gate k reads its pooled features and the "
+           "earlier gates' logits (*cascade*), or exit k decides with a learned weighted geometric mean of gates 0..k "
            "(*ensemble*), for linear CE and MLP gates; the earlier gates' cost is charged whenever a later exit "
            "needs them. Thresholds by the library's search on validation at each target; cell: test accuracy "
            "change in points / FLOPs saved. Last column: the front chosen on validation, read on test at "
@@ -349,8 +352,8 @@ def guarantee_table(guarantees: list[dict]) -> str:
                          f"| {100 * row['miss_rate']:.0f}% of {g['resplits']} re-splits "
                          f"| {100 * row['mean_flops_saved']:.1f}% |")
     first = guarantees[0]
-    return "\n".join([*lines, "", f"`benchmarks/guarantee.py`: gates fit once on train; the validation and test "
-                       f"images pooled and re-split {first['resplits']} times at random into "
+    return "\n".join([*lines, "", f"`benchmarks/quality/guarantee.py`: gates fit once on train; the validation "
+                       f"and test images pooled and re-split {first['resplits']} times at random into "
                        f"{first['calibration_images']:,} for calibration and the rest for scoring. A miss: test "
                        "accuracy below the plain model's minus the allowed drop. `confidence=c` asks the target to "
                        "hold on new data with probability c, so it should miss at most about 1 − c of the time "
@@ -376,25 +379,31 @@ def setup_table(results: list[dict], records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_atto"])
-    parser.add_argument("--results", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--commands", nargs="*", default=[], help="the commands that produced the results")
-    args = parser.parse_args(argv)
-    results = [r for m in args.models if (r := load(args.results / m / "results.json"))]
-    speeds = {m: s for m in args.models if (s := load(args.results / m / "speed.json"))}
-    names = list(dict.fromkeys([*args.models, *(s for m in args.models for s in STATIC.get(m, []))]))
-    records = {n: rec for n in names if (rec := load(RECORDS / f"{n}.json"))}
-    img = args.out.parent / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    kept, status = "", []
-    if args.out.exists():
-        old = args.out.read_text()
-        kept = old[old.index(KEEP):] if KEEP in old else ""
-        status = status_block(old)
-    parts = [
+@dataclass
+class Saved:
+    """Everything the scripts saved in one results folder that the document reads; absent files are left out."""
+
+    results: list[dict]  # compare.py, per model
+    speeds: dict[str, dict]  # speed.py, per model
+    records: dict[str, dict]  # backbones.py, per gated model and its static comparators
+    guarantees: list[dict]  # guarantee.py
+    ztws: list[dict]  # ztw.py
+
+
+def load_saved(models: list[str], folder: Path) -> Saved:
+    names = list(dict.fromkeys([*models, *(s for m in models for s in STATIC.get(m, []))]))
+    return Saved(
+        results=[r for m in models if (r := load(folder / m / "results.json"))],
+        speeds={m: s for m in models if (s := load(folder / m / "speed.json"))},
+        records={n: rec for n in names if (rec := load(RECORDS / f"{n}.json"))},
+        guarantees=[g for m in models if (g := load(folder / "guarantee" / f"{m}.json"))],
+        ztws=[z for m in models if (z := load(folder / "ztw" / m / "ztw.json"))],
+    )
+
+
+def intro(status: list[str]) -> list[str]:
+    """The title, the kept status block, the data and FLOPs conventions, and the methods compared."""
+    return [
         "# Benchmarks: gate kinds against other early-exit methods on Fashion-MNIST",
         "",
         *status,
@@ -408,10 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         "Methods at equal backbone: **hinge d-gates** (the paper: pooled linear gates, hinge loss, exit on "
         "`max_c d_c`); **CE gates, max-softmax** (SDN-style: same gates trained with cross-entropy, exit on the "
         "max softmax probability); **CE gates, entropy** (BranchyNet-style: same CE gates, exit on low entropy) "
-        "— and the gate kinds beyond them (`timm_dgate.gate_kinds`): **distilled gates** (cross-entropy against "
-        "the backbone's own softmax), **distilled + label gates** (half each), **MLP gates** (one hidden layer "
-        "of 128, its FLOPs counted) and **survivor-weighted CE gates** (two refits weighted on the samples that "
-        "reach each gate under thresholds calibrated on validation); the default kind of the recipe is "
+        "— and the gate kinds beyond them (`timm_dgate.fitting.gate_kinds`): **distilled gates** (cross-entropy "
+        "against the backbone's own softmax), **distilled + label gates** (half each), **MLP gates** (one hidden "
+        "layer of 128, its FLOPs counted) and **survivor-weighted CE gates** (two refits weighted on the samples "
+        "that reach each gate under thresholds calibrated on validation); the default kind of the recipe is "
         f"**{DEFAULT_METHOD}**. All are calibrated by `timm_dgate.calibrate` on the same validation cache; "
         "**earlyon 0.3.0** (PyPI) "
         "on the very same trained ResNet weights loaded into its torchvision ResNet (`conv1` swapped to one "
@@ -419,74 +428,115 @@ def main(argv: list[str] | None = None) -> None:
         "own greedy grid calibration `calibrate_thresholds` (max-softmax policy) to the same drops on the same "
         "validation split; the **plain** model; and **smaller static** timm models of the same family.",
         "",
-        "## Setup",
-        "",
-        setup_table(results, records),
-        "",
     ]
-    for r in results:
-        name = r["model"]
-        statics = {s: records[s] for s in STATIC.get(name, []) if s in records}
-        plot(r, statics, img / f"bench_{name}.png")
-        parts += [f"## {name}", "", f"![accuracy vs GFLOPs, {name}](img/bench_{name}.png)", "",
-                  "### Fixed targets (accuracy · GFLOPs · FLOPs saved)", "", fixed_table(r, statics), "",
-                  "### FLOPs saved at equal test accuracy, read off the curves", "",
-                  "Every curve point's thresholds were chosen on validation; this table only picks, per method, "
-                  "the cheapest point whose *test* accuracy is within the drop of the plain model's test accuracy "
-                  "(a descriptive comparison at equal accuracy, not a deployable selection rule).", "",
-                  curve_table(r), ""]
-        check = r["engine_check"]
-        parts += [f"Check: on the first {check['images']} test images the real early-exit forward with the "
-                  f"`{check['profile']}` profile took the exit the cache-based scoring predicts for "
-                  f"{pct(check['same_exit'])} of images and gave the same prediction for "
-                  f"{pct(check['same_prediction'])}.",
-                  ""]
-        if "earlyon" in r:
-            est = r["earlyon_own_estimate"]
-            parts += [f"earlyon's own FLOPs estimate for this model: method `{est['method']}`, reliable "
-                      f"{est['reliable']}, fractions {est['fractions']} (our count: "
-                      + ", ".join(f"{c / r['earlyon_costs']['backbone']:.3f}" for c in r["earlyon_costs"]["to_gate"])
-                      + "; its heads cost " + ", ".join(f"{g / 1e6:.3f}" for g in r["earlyon_costs"]["gate"])
-                      + " MFLOPs each, ours " + ", ".join(f"{g / 1e3:.1f}" for g in r["costs"]["gate"])
-                      + " kFLOPs).", ""]
-        if name in speeds:
-            parts += ["### Wall-clock", "", speed_table(speeds[name]), ""]
-    guarantees = [g for name in args.models if (g := load(args.results / "guarantee" / f"{name}.json"))]
-    if guarantees:
-        parts += ["## Does a profile keep its target on new data?", "", guarantee_table(guarantees), ""]
-    ztws = [z for name in args.models if (z := load(args.results / "ztw" / name / "ztw.json"))]
-    if ztws:
-        parts += ztw_section(ztws)
-    parts += included(args.results / "benchmarks-placement.md", "Where the gates sit: stage ends or every block", img)
-    for report in sorted((args.results / "cascade").glob("*.md")):
-        parts += included(report, f"Cascades: {report.stem}", img)
-    for report in sorted(args.results.glob("exits_per_class_*.md")):
-        parts += included(report, f"Where each class exits: {report.stem.removeprefix('exits_per_class_')}", img)
+
+
+def setup_section(saved: Saved) -> list[str]:
+    return ["## Setup", "", setup_table(saved.results, saved.records), ""]
+
+
+def model_section(result: dict, saved: Saved, img: Path) -> list[str]:
+    """One gated backbone: its plot, fixed targets, curve reading, engine check, earlyon's estimate, wall-clock."""
+    name = result["model"]
+    statics = {s: saved.records[s] for s in STATIC.get(name, []) if s in saved.records}
+    plot(result, statics, img / f"bench_{name}.png")
+    out = [f"## {name}", "", f"![accuracy vs GFLOPs, {name}](img/bench_{name}.png)", "",
+           "### Fixed targets (accuracy · GFLOPs · FLOPs saved)", "", fixed_table(result, statics), "",
+           "### FLOPs saved at equal test accuracy, read off the curves", "",
+           "Every curve point's thresholds were chosen on validation; this table only picks, per method, "
+           "the cheapest point whose *test* accuracy is within the drop of the plain model's test accuracy "
+           "(a descriptive comparison at equal accuracy, not a deployable selection rule).", "",
+           curve_table(result), ""]
+    check = result["engine_check"]
+    out += [f"Check: on the first {check['images']} test images the real early-exit forward with the "
+            f"`{check['profile']}` profile took the exit the cache-based scoring predicts for "
+            f"{pct(check['same_exit'])} of images and gave the same prediction for "
+            f"{pct(check['same_prediction'])}.",
+            ""]
+    if "earlyon" in result:
+        est, costs = result["earlyon_own_estimate"], result["earlyon_costs"]
+        out += [f"earlyon's own FLOPs estimate for this model: method `{est['method']}`, reliable "
+                f"{est['reliable']}, fractions {est['fractions']} (our count: "
+                + ", ".join(f"{c / costs['backbone']:.3f}" for c in costs["to_gate"])
+                + "; its heads cost " + ", ".join(f"{g / 1e6:.3f}" for g in costs["gate"])
+                + " MFLOPs each, ours " + ", ".join(f"{g / 1e3:.1f}" for g in result["costs"]["gate"])
+                + " kFLOPs).", ""]
+    if name in saved.speeds:
+        out += ["### Wall-clock", "", speed_table(saved.speeds[name]), ""]
+    return out
+
+
+def studies(saved: Saved, folder: Path, img: Path) -> list[str]:
+    """The other scripts' sections: guarantee.py's and ztw.py's tables, then placement.py's, cascade.py's and
+    exits_per_class.py's own reports."""
+    out = []
+    if saved.guarantees:
+        out += ["## Does a profile keep its target on new data?", "", guarantee_table(saved.guarantees), ""]
+    if saved.ztws:
+        out += ztw_section(saved.ztws)
+    out += included(folder / "benchmarks-placement.md", "Where the gates sit: stage ends or every block", img)
+    for report in sorted((folder / "cascade").glob("*.md")):
+        out += included(report, f"Cascades: {report.stem}", img)
+    for report in sorted(folder.glob("exits_per_class_*.md")):
+        out += included(report, f"Where each class exits: {report.stem.removeprefix('exits_per_class_')}", img)
+    return out
+
+
+def fitting_section(results: list[dict]) -> list[str]:
     train = ", ".join(sorted({str(r["sizes"]["train"]) for r in results}))
-    parts += ["## Cost of fitting", "", fit_table(results), "",
-              f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
-              "Plain pass: the plain model over those images at batch 256, right after the caching pass. "
-              "Caching pass: `cache_features` over them (one backbone pass storing every gate's pooled input and "
-              "the logits). Fit: `timm_dgate.gate_kinds.fit_kind` on that cache (mini-batch Adam, the library's "
-              "defaults; survivor refits included), in a fresh "
-              "process (`benchmarks/fit_cost.py`); peak memory is "
-              "`resource.getrusage(RUSAGE_SELF).ru_maxrss` after the fit minus before it (backbone and cache "
-              "already loaded). tracemalloc is not used: torch's allocations bypass it.", "",
-              "## Goals", "", goals(results, speeds), ""]
-    commands = args.commands or [shlex.join([Path(sys.executable).name, *sys.argv])]
-    env = next((s["machine"] for s in speeds.values()), machine())
+    return ["## Cost of fitting", "", fit_table(results), "",
+            f"Training data for the gates and earlyon's heads: the first {train} images of the training split. "
+            "Plain pass: the plain model over those images at batch 256, right after the caching pass. "
+            "Caching pass: `cache_features` over them (one backbone pass storing every gate's pooled input and "
+            "the logits). Fit: `timm_dgate.fitting.gate_kinds.fit_kind` on that cache (mini-batch Adam, the "
+            "library's defaults; survivor refits included), in a fresh "
+            "process (`benchmarks/quality/fit_cost.py`); peak memory is "
+            "`resource.getrusage(RUSAGE_SELF).ru_maxrss` after the fit minus before it (backbone and cache "
+            "already loaded). tracemalloc is not used: torch's allocations bypass it.", ""]
+
+
+def goals_section(saved: Saved) -> list[str]:
+    return ["## Goals", "", goals(saved.results, saved.speeds), ""]
+
+
+def provenance(saved: Saved, models: list[str], folder: Path, commands: list[str]) -> list[str]:
+    """How these numbers were made: the commands, when the results were written, the machine, the versions."""
+    commands = commands or [shlex.join([Path(sys.executable).name, *sys.argv])]
+    env = next((s["machine"] for s in saved.speeds.values()), machine())
     stamps = sorted(datetime.datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="minutes")
-                    for m in args.models for p in (args.results / m).glob("*.json"))
-    parts += ["## How these numbers were made", "", "```", *commands, "```", "",
-              f"- date: results written {stamps[0] if stamps else '?'} to {stamps[-1] if stamps else '?'} (UTC)",
-              f"- machine: {env} (lscpu model, cores, threads; load average when timing started)",
-              f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-              f"- results: `{args.results}/<model>/results.json` and `speed.json`, `{RECORDS}/<model>.json`",
-              ""]
-    text = "\n".join(parts) + ("\n" + kept if kept else "")
-    args.out.write_text(text)
+                    for m in models for p in (folder / m).glob("*.json"))
+    return ["## How these numbers were made", "", "```", *commands, "```", "",
+            f"- date: results written {stamps[0] if stamps else '?'} to {stamps[-1] if stamps else '?'} (UTC)",
+            f"- machine: {env} (lscpu model, cores, threads; load average when timing started)",
+            f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+            f"- results: `{folder}/<model>/results.json` and `speed.json`, `{RECORDS}/<model>.json`",
+            ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "convnext_atto"])
+    parser.add_argument("--results", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--commands", nargs="*", default=[], help="the commands that produced the results")
+    args = parser.parse_args(argv)
+    saved = load_saved(args.models, args.results)
+    img = args.out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    old = args.out.read_text() if args.out.exists() else ""
+    kept = old[old.index(KEEP):] if KEEP in old else ""  # the hand-written reading, and the status block above
+    parts = [
+        *intro(status_block(old)),
+        *setup_section(saved),
+        *(line for result in saved.results for line in model_section(result, saved, img)),
+        *studies(saved, args.results, img),
+        *fitting_section(saved.results),
+        *goals_section(saved),
+        *provenance(saved, args.models, args.results, args.commands),
+    ]
+    args.out.write_text("\n".join(parts) + ("\n" + kept if kept else ""))
     numbers = args.out.with_suffix(".json")
-    numbers.write_text(json.dumps(machine_readable(results, speeds, records), indent=1) + "\n")
+    numbers.write_text(json.dumps(machine_readable(saved.results, saved.speeds, saved.records), indent=1) + "\n")
     print(f"wrote {args.out} and {numbers}")
 
 

@@ -9,7 +9,7 @@ same recipe is ``timm-dgate fit`` (timm_dgate/recipe.py holds it).
 
 import sys
 
-from timm_dgate.cli import fit_main
+from timm_dgate.cli.main import fit_main
 
 if __name__ == "__main__":
     sys.exit(fit_main())

@@ -14,7 +14,7 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.cli import main
+from timm_dgate.cli.main import main
 
 SIZE = (3, 64, 64)
 

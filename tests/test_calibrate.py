@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import timm_dgate
-from timm_dgate.cache import cache_features
-from timm_dgate.calibration import ExitTable, Target, chance_bound, search_thresholds
-from timm_dgate.flops import GateCosts
+from timm_dgate.calibration.calibrate import chance_bound
+from timm_dgate.calibration.goals import Target
+from timm_dgate.calibration.search import search_thresholds
+from timm_dgate.core.cache import cache_features
+from timm_dgate.core.costs import GateCosts
+from timm_dgate.core.exit_table import ExitTable
 
 from .helpers import batches, tiny_gated, trained_gated
 

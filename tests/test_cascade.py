@@ -12,9 +12,10 @@ from huggingface_hub import constants
 from torch import nn
 
 import timm_dgate
-from timm_dgate import HubFormatError, cli
-from timm_dgate.cascades import resize
-from timm_dgate.profiles import Profile
+from timm_dgate import HubFormatError
+from timm_dgate.cli import main as cli
+from timm_dgate.core.profiles import Profile
+from timm_dgate.models.resize import resize
 
 from .helpers import SIZE, batches
 from .test_recipe import checkpoint, image_folder  # noqa: F401 - module fixtures, reused

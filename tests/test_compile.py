@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import timm_dgate
-import timm_dgate.segments
+import timm_dgate.deploy.segments
 
 from .helpers import SIZE
 
@@ -91,8 +91,8 @@ class _HostReadingHead(torch.nn.Module):
 def test_compile_problem_passes_channels_last_convnext_and_names_a_graph_break():
     """ConvNeXt's stages hand on channels_last tensors: exits must keep that layout or every exit recompiles."""
     convnext = timm.create_model("test_convnext", in_chans=1, num_classes=10).eval()
-    assert timm_dgate.segments.compile_problem(timm_dgate.wrap(convnext, input_size=(1, SIZE, SIZE))) is None
+    assert timm_dgate.deploy.segments.compile_problem(timm_dgate.wrap(convnext, input_size=(1, SIZE, SIZE))) is None
     resnet = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
     resnet.fc = _HostReadingHead(resnet.fc)
-    problem = timm_dgate.segments.compile_problem(timm_dgate.wrap(resnet, input_size=(1, SIZE, SIZE)))
+    problem = timm_dgate.deploy.segments.compile_problem(timm_dgate.wrap(resnet, input_size=(1, SIZE, SIZE)))
     assert problem is not None and "graph breaks" in problem

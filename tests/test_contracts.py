@@ -14,11 +14,11 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.discovery import candidate_boundaries
-from timm_dgate.engine import select_part
-from timm_dgate.locate import locate_missing
-from timm_dgate.probe import probe_boundaries
-from timm_dgate.scores import exit_score
+from timm_dgate.boundaries.discovery import candidate_boundaries
+from timm_dgate.boundaries.locate import locate_missing
+from timm_dgate.boundaries.probe import probe_boundaries
+from timm_dgate.core.engine import select_part
+from timm_dgate.core.scores import exit_score
 
 from .families import COVERS, FAMILIES
 

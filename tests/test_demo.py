@@ -14,7 +14,7 @@ import timm_dgate
 from timm_dgate.demo.backbone import accuracy, cached_backbone
 from timm_dgate.demo.pipeline import DEMO_KINDS, DROPS, DemoConfig, run_demo
 from timm_dgate.fashion_mnist import load_splits
-from timm_dgate.gate_kinds import DEFAULT_GATE_KIND
+from timm_dgate.fitting.gate_kinds import DEFAULT_GATE_KIND
 from timm_dgate.reports import accuracy_at
 
 

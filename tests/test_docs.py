@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import timm_dgate
-from timm_dgate import discovery
+from timm_dgate.boundaries import discovery
 
 from .markdown import fenced_blocks
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import timm_dgate
-from timm_dgate.profiles import Profile
-from timm_dgate.scores import exit_score
+from timm_dgate.core.profiles import Profile
+from timm_dgate.core.scores import exit_score
 
 from .helpers import batches, trained_gated
 

@@ -1,4 +1,4 @@
-"""``timm_dgate.export`` keeps the exits: the exported folder, run by ``timm_dgate.runtime``, exits where eager does.
+"""``timm_dgate.export`` keeps the exits: the exported folder, run by ``deploy.runtime``, exits where eager does.
 
 Both formats are exported once per module (the ONNX exporter takes about a second per file);
 every test then runs batches in which samples leave at every gate and compares each sample's
@@ -16,7 +16,7 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.runtime import ExportedGatedModel, OnnxGatedModel, TorchExportedGatedModel
+from timm_dgate.deploy.runtime import ExportedGatedModel, OnnxGatedModel, TorchExportedGatedModel
 
 from .helpers import SIZE
 

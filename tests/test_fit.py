@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from timm_dgate.cache import FeatureCache, cache_features
-from timm_dgate.losses import DEFAULT_EXIT_SCORE, cross_entropy, multiclass_hinge
-from timm_dgate.training import fit
+from timm_dgate.core.cache import FeatureCache, cache_features
+from timm_dgate.core.losses import DEFAULT_EXIT_SCORE, cross_entropy, multiclass_hinge
+from timm_dgate.fitting.training import fit
 
 from .helpers import batches, tiny_gated
 
@@ -134,7 +134,7 @@ def test_a_minibatch_fit_does_not_depend_on_which_rows_a_process_holds_or_their_
 
 
 def test_each_epoch_splits_the_rows_into_disjoint_batches_of_about_equal_size_and_reshuffles(caches):
-    from timm_dgate.minibatches import epoch_batches
+    from timm_dgate.fitting.minibatches import epoch_batches
 
     keys = caches[0].fingerprints
     epochs = [epoch_batches(keys, epoch, num_batches=8) for epoch in range(2)]

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_dgate
-from timm_dgate.flops import count_flops, unfused_attention
+from timm_dgate.core.costs import count_flops, unfused_attention
 
 SIZE = 32
 
@@ -168,7 +168,7 @@ class _ClassTokenNet(torch.nn.Module):
 
 
 def test_costs_count_a_forward_that_hands_an_expanded_parameter_to_a_module():
-    from timm_dgate.flops import costs_to
+    from timm_dgate.core.costs import costs_to
 
     net = _ClassTokenNet().eval()
     with torch.no_grad():  # as users call it; the counter's module tracker must not trip on the expanded view

@@ -14,11 +14,11 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.cache import FeatureCache, cache_features
+from timm_dgate.core.cache import FeatureCache, cache_features
+from timm_dgate.core.losses import cross_entropy
 from timm_dgate.errors import HubFormatError
-from timm_dgate.gate_kinds import GATE_KINDS, fit_kind, gate_kind
-from timm_dgate.losses import cross_entropy
-from timm_dgate.training import fit, survivor_weights
+from timm_dgate.fitting.gate_kinds import GATE_KINDS, fit_kind, gate_kind
+from timm_dgate.fitting.training import fit, survivor_weights
 
 from .helpers import SIZE, batches, trained_gated
 

@@ -122,7 +122,7 @@ def test_onnx_runtime_with_the_cuda_provider_matches_eager(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)")
-    from timm_dgate.runtime import OnnxGatedModel
+    from timm_dgate.deploy.runtime import OnnxGatedModel
 
     gated, images, thresholds = gated_model("cuda")
     gated.set_thresholds(thresholds)

@@ -22,7 +22,7 @@ from torch import nn
 
 import timm_dgate
 from timm_dgate import HubFormatError
-from timm_dgate.hub import backbone_args
+from timm_dgate.hub.folder import backbone_args
 
 from .helpers import hooks
 

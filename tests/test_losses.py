@@ -2,7 +2,7 @@
 
 import torch
 
-from timm_dgate.losses import cross_entropy, gate_loss, multiclass_hinge
+from timm_dgate.core.losses import cross_entropy, gate_loss, multiclass_hinge
 
 
 def test_hinge_matches_hand_computation():

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import TensorDataset
 
-from timm_dgate import cli
-from timm_dgate.datasets import DataConfig, RecipeData
+from timm_dgate.cli import main as cli
+from timm_dgate.cli.recipe_data import DataConfig, RecipeData
 from timm_dgate.demo.backbone import accuracy, cached_backbone
 from timm_dgate.fashion_mnist import CLASSES, MEAN, STD, default_root, load_splits, preprocess, timm_data_config
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import timm_dgate
-from timm_dgate.calibration import ExitTable, Target, search_thresholds
-from timm_dgate.flops import GateCosts
-from timm_dgate.profiles import Profile
+from timm_dgate.calibration.goals import Target
+from timm_dgate.calibration.search import search_thresholds
+from timm_dgate.core.costs import GateCosts
+from timm_dgate.core.exit_table import ExitTable
+from timm_dgate.core.profiles import Profile
 
 from .helpers import SIZE, tiny_gated
 
@@ -23,7 +25,7 @@ from .helpers import SIZE, tiny_gated
 def spread_thresholds(gated, x):
     """A threshold per gate at the median exit score, so that each open gate lets some samples leave."""
     margins, _ = gated.forward_gates(x)
-    return [timm_dgate.scores.exit_score(m, gated.exit_score).median().item() for m in margins]
+    return [timm_dgate.core.scores.exit_score(m, gated.exit_score).median().item() for m in margins]
 
 
 @pytest.fixture

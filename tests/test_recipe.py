@@ -21,10 +21,11 @@ import timm
 from PIL import Image
 
 import timm_dgate
-from timm_dgate import cli, recipe
-from timm_dgate.datasets import DataConfig, RecipeData, SplitData, data_config
+from timm_dgate.cli import main as cli
+from timm_dgate.cli import recipe
+from timm_dgate.cli.recipe_data import DataConfig, RecipeData, SplitData, data_config
 from timm_dgate.fashion_mnist import load_splits
-from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
+from timm_dgate.fitting.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "test_resnet", "--in-chans", "1", "--num-classes", "10", "--input-size", "1", "32", "32"]
@@ -186,8 +187,8 @@ def test_recipe_script_reports_bad_arguments_like_argparse():
 
 @pytest.mark.parametrize(("flag", "expected"), [("256", 256), ("full", None)])
 def test_gate_batch_size_flag_takes_a_count_or_full_batch(flag, expected, image_folder):
-    from timm_dgate.arguments import build_fit_parser
-    from timm_dgate.recipe import RecipeConfig
+    from timm_dgate.cli.arguments import build_fit_parser
+    from timm_dgate.cli.recipe import RecipeConfig
 
     args = build_fit_parser().parse_args([*MODEL, "--data-dir", str(image_folder), "--gate-batch-size", flag])
     assert RecipeConfig.from_args(args).gate_batch_size == expected

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 import timm_dgate
-from timm_dgate.profiles import Profile
+from timm_dgate.core.profiles import Profile
 
 from .helpers import run_launch
 from .markdown import fenced_blocks

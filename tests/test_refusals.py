@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import timm_dgate
-from timm_dgate import discovery
-from timm_dgate.scores import exit_score
+from timm_dgate.boundaries import discovery
+from timm_dgate.core.scores import exit_score
 
 SIZE = (3, 16, 16)
 

@@ -19,8 +19,8 @@ import timm
 import torch
 
 import timm_dgate
-from timm_dgate.bench import throughput
-from timm_dgate.evaluation import evaluate
+from timm_dgate.evaluation.bench import throughput
+from timm_dgate.evaluation.evaluate import evaluate
 
 from .helpers import SIZE, batches, hooks
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from timm_dgate.scores import EXIT_SCORES, exit_score
+from timm_dgate.core.scores import EXIT_SCORES, exit_score
 
 # row 0: confident in class 0; row 1: no idea (uniform)
 MARGINS = torch.tensor([[2.0, 0.0, 0.0], [0.5, 0.5, 0.5]])

@@ -5,20 +5,25 @@ The data path is ``wrap -> fit -> calibrate -> forward -> save_pretrained / from
 docs/architecture.md maps the modules behind it.
 """
 
-from .cache import FeatureCache, cache_features
-from .calibration import ExitTable, calibrate, tradeoff_curve
-from .cascades import Cascade, cascade, from_pretrained
-from .config import DGateConfig
-from .discovery import Boundary, family_of, register_family
-from .engine import ExitResult
+from .boundaries.discovery import family_of, register_family
+from .calibration.calibrate import calibrate
+from .calibration.curves import tradeoff_curve
+from .core.boundary import Boundary
+from .core.cache import FeatureCache, cache_features
+from .core.config import DGateConfig
+from .core.costs import GateCosts
+from .core.engine import ExitResult
+from .core.exit_table import ExitTable
+from .core.gates import DecisionGate
+from .core.profiles import Profile
+from .deploy.export import export
 from .errors import CalibrationError, ChanceAccuracyError, ExportError, HubFormatError, UnsupportedModelError
-from .evaluation import EvalReport, evaluate
-from .exporting import export
-from .flops import GateCosts
-from .gates import DecisionGate
-from .model import GatedModel, stages, wrap
-from .profiles import Profile
-from .training import FitReport, fit, survivor_weights
+from .evaluation.evaluate import EvalReport, evaluate
+from .fitting.training import FitReport, fit, survivor_weights
+from .models.auto import from_pretrained
+from .models.building import stages
+from .models.cascade import Cascade, cascade
+from .models.gated import GatedModel, wrap
 from .version import __version__
 
 __all__ = [

@@ -1,7 +1,9 @@
-"""Every markdown table timm_dgate prints or writes: model cards, evaluation, throughput, recipe results.
+"""The markdown and HTML that more than one part of timm_dgate writes: profiles, preprocessing, curves, pages.
 
 Only formatting lives here; the numbers come from the objects passed in, so the same table reads
-the same wherever it appears (terminal, results.md, a Hub model card, docs/).
+the same wherever it appears (terminal, results.md, a Hub model card, docs/). The tables of
+``evaluate`` and ``throughput`` live with their results (``evaluation.results``), the recipe's
+results.md with the recipe (``cli.outputs``): this module imports nothing of timm_dgate above ``core``.
 """
 
 from __future__ import annotations
@@ -9,14 +11,11 @@ from __future__ import annotations
 import base64
 import html
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .bench import Throughput
-    from .evaluation import EvalReport, ProfileResult
-    from .profiles import Profile
+    from .core.profiles import Profile
 
 
 def _fmt(value: Any) -> str:
@@ -25,10 +24,6 @@ def _fmt(value: Any) -> str:
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.2%}"
-
-
-def _thresholds(values: Sequence[float]) -> str:
-    return ", ".join("closed" if t == math.inf else f"{t:.3g}" for t in values)
 
 
 def data_config_summary(config: Mapping[str, Any]) -> str:
@@ -74,42 +69,6 @@ def profiles_table(profiles: Sequence[Profile]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def evaluation_table(report: EvalReport) -> str:
-    """A markdown table in the shape of the paper's Table 1."""
-    lines = [
-        f"| profile | thresholds | {report.split} accuracy | GFLOPs | FLOPs reduction | ms/image | speed-up |",
-        "|---|---|---|---|---|---|---|",
-        f"| plain model | - | {100 * report.plain_accuracy:.2f}% | {report.plain_gflops:.4f} | 0.0% | - | 1.00x |",
-    ]
-    for r in report.profiles:
-        lines.append(
-            f"| {r.name} | {_thresholds(r.thresholds)} | {100 * r.accuracy:.2f}% | {r.gflops:.4f} | "
-            f"{100 * r.flops_reduction:.1f}% | {r.ms_per_image:.3f} (plain {r.plain_ms_per_image:.3f}) | "
-            f"{r.speedup:.2f}x |"
-        )
-    return "\n".join(lines)
-
-
-def exits_per_class_table(result: ProfileResult, class_names: Sequence[str], gate_names: Sequence[str]) -> str:
-    """Markdown table: for each class, the share of its samples leaving at each gate (paper's exp. 4)."""
-    rows = [*gate_names, "head"]
-    lines = ["| class | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
-    for c, cname in enumerate(class_names):
-        column = [result.exits_per_class[k][c] for k in range(len(rows))]
-        n = max(1, sum(column))
-        lines.append(f"| {cname} | " + " | ".join(f"{100 * v / n:.0f}%" for v in column) + " |")
-    return "\n".join(lines)
-
-
-def throughput_table(rows: Sequence[Throughput]) -> str:
-    lines = ["| batch size | profile | images/s | plain images/s | speed-up |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {r.batch_size} | {r.profile} | {r.images_per_s:.1f} | {r.plain_images_per_s:.1f} | {r.speedup:.2f}x |"
-        for r in rows
-    ]
-    return "\n".join(lines)
-
-
 def accuracy_at(points: Sequence[tuple[float, float]], gflops: float) -> float | None:
     """Accuracy of a trade-off curve ``(accuracy, GFLOPs)`` at ``gflops``, linearly interpolated; None outside it."""
     for (acc_a, g_a), (acc_b, g_b) in itertools.pairwise(points):
@@ -127,31 +86,6 @@ def equal_flops_table(curves: Mapping[str, Sequence[tuple[float, float]]], plain
         cells = [accuracy_at(points, s * plain[1]) for s in shares]
         lines.append(f"| {label} | " + " | ".join("-" if a is None else f"{100 * a:.2f}%" for a in cells) + " |")
     return "\n".join(lines) + f"\n\n(plain model: {100 * plain[0]:.2f}% at {plain[1]:.4f} GFLOPs)"
-
-
-def recipe_results(
-    title: str,
-    data: str,
-    gate_accuracy: Sequence[tuple[str, float]],
-    plain_gflops: float,
-    profiles: Sequence[Profile],
-    test_report: EvalReport | None,
-    plot_name: str,
-) -> str:
-    """The recipe's results.md: what ran on which data, the profiles, the test table and the plot."""
-    gates = ", ".join(f"{name} {100 * a:.1f}%" for name, a in gate_accuracy)
-    test = (
-        f"## Test split `{test_report.split}` ({test_report.num_images} images; it chose nothing)\n\n"
-        f"{evaluation_table(test_report)}\n"
-        if test_report
-        else "No --test-split was given: the numbers above come from the validation split that chose the "
-        "thresholds, so they flatter the gates. Measure on held-out data with `timm-dgate eval`.\n"
-    )
-    return (
-        f"# {title}\n\n{data}\n\n"
-        f"Gate train accuracy: {gates}. Plain model: {plain_gflops:.4f} GFLOPs per image.\n\n"
-        f"{profiles_table(profiles)}\n{test}\n![accuracy against cost]({plot_name})\n"
-    )
 
 
 def html_report(title: str, sections: Sequence[tuple[str, str]], images: Sequence[tuple[str, bytes]]) -> str:

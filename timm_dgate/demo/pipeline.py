@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 
 import timm_dgate
-from timm_dgate.cache import FeatureCache, cache_features
-from timm_dgate.calibration import ExitTable, calibrate, measured_tradeoff
-from timm_dgate.evaluation import EvalReport, evaluate
-from timm_dgate.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
-from timm_dgate.losses import DEFAULT_EXIT_SCORE
-from timm_dgate.plots import plot_exits_per_class, plot_tradeoff
+from timm_dgate.calibration.calibrate import calibrate
+from timm_dgate.calibration.curves import measured_tradeoff
+from timm_dgate.core.cache import FeatureCache, cache_features
+from timm_dgate.core.exit_table import ExitTable
+from timm_dgate.core.losses import DEFAULT_EXIT_SCORE
+from timm_dgate.evaluation.evaluate import EvalReport, evaluate
+from timm_dgate.evaluation.plots import plot_exits_per_class, plot_tradeoff
+from timm_dgate.fitting.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
+from timm_dgate.fitting.training import DEFAULT_EPOCHS
 from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
-from timm_dgate.training import DEFAULT_EPOCHS
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
 from .backbone import cached_backbone

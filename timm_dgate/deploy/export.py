@@ -1,0 +1,127 @@
+"""``export``: a gated model as files that keep its exits, for ``timm_dgate.deploy.runtime`` to run (docs/deploy.md).
+
+Why segments: a graph exported from the whole gated forward would bake in one exit pattern, so
+the backbone is cut where the gates sit (the cut of ``timm_dgate.deploy.segments``, checked to be the
+whole forward) and each piece is exported on its own with a dynamic batch axis. A piece that ends
+at a gate also outputs the gate's margins (pooling and one linear layer, negligible next to the
+backbone), so the runtime makes one call per segment; the exit decision stays outside the files,
+so thresholds and profiles switch without re-exporting. Every written file is run once against
+the eager model before ``export`` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.contract import GatedBackbone
+from ..errors import ExportError
+from ..version import __version__
+from .runtime import LOADERS, SUFFIXES, Manifest
+from .segments import Chain, exit_chain
+
+VERIFY_ATOL = 1e-4
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                          input_names=["x"], external_data=False, verbose=False)
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs onnx and onnxscript: pip install 'timm-dgate[onnx]' ({error})") from error
+
+
+def _export_torch(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=({0: batch},)), str(path))
+
+
+WRITERS = {"onnx": _export_onnx, "torch": _export_torch}
+
+
+class _GatedSegment(nn.Module):
+    """A segment that ends at a gate: its features, for the next segment, and the gate's margins."""
+
+    def __init__(self, segment: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.segment, self.gate = segment, gate
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.segment(x)
+        return features, self.gate(features)
+
+
+@torch.no_grad()
+def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx") -> Path:
+    """Write ``gated`` to ``folder``: one file per segment (the last gives the logits, each other its
+    features and its gate's margins) and ``manifest.json``.
+
+    ``format``: ``onnx`` (run with ``timm_dgate.deploy.runtime.OnnxGatedModel``; needs the ``onnx``
+    extra) or ``torch`` (``torch.export`` programs, run with ``TorchExportedGatedModel``). The
+    thresholds in force, the exit score and every profile go into the manifest. The model must
+    be in eval mode (exits only run there) and not compiled; a family whose forward is not a
+    chain of its segments (a position embedding added in ``forward``, say) raises
+    :class:`~timm_dgate.errors.ExportError`, as does a written file that disagrees with eager.
+    A model whose gates are all closed and that has no profile exports with a warning: it would
+    never exit early until thresholds are set on the runtime. Returns the manifest's path.
+    """
+    if format not in WRITERS:
+        raise ValueError(f"unknown export format {format!r}; expected one of {tuple(WRITERS)}")
+    if gated.training:
+        raise ExportError("the gated model is in train mode, where no sample exits: call gated.eval() before export")
+    if gated.compiled_segments:
+        raise ExportError("export a gated model before compile(): compiled segments cannot be exported")
+    param = next(gated.parameters())
+    backbone = gated.base_model
+    boundaries = [b.module for b in gated.boundaries]
+    make = torch.Generator().manual_seed(0)
+    example = torch.randn((2, *gated.input_size), generator=make).to(param.device, param.dtype)
+    pieces = exit_chain(backbone, boundaries, example)
+    policy = gated.policy  # read once: the exported thresholds and score are one policy
+    if policy.all_closed and not gated.profiles:
+        warnings.warn("timm_dgate.export: every gate is closed and there is no profile, so the export never exits "
+                      "early until thresholds are set on the runtime (calibrate first)", UserWarning, stacklevel=2)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chains = [Chain([backbone.get_submodule(n) for n in names]) for names in pieces]
+    modules = [_GatedSegment(c, gate).eval() for c, gate in zip(chains, gated.gates)] + [chains[-1].eval()]
+    files = [f"segment_{k}{SUFFIXES[format]}" for k in range(len(modules))]
+    check = torch.randn((3, *gated.input_size), generator=make).to(param.device, param.dtype)  # another batch size
+    checks = []  # what reaches each file in eager at another batch size, to run the written files on
+    for k, (module, chain, name) in enumerate(zip(modules, chains, files)):
+        checks.append(check)
+        try:
+            WRITERS[format](module, example, folder / name)
+        except ExportError:
+            raise
+        except Exception as error:
+            raise ExportError(f"cannot export {name} (modules {', '.join(pieces[k])}) as {format}: {error}") from error
+        example, check = chain(example), chain(check)
+    manifest_path = Manifest(
+        format=format,
+        architecture=gated.config.architecture,
+        num_classes=gated.num_classes,
+        input_size=tuple(gated.input_size),
+        dtype=str(param.dtype).removeprefix("torch."),
+        boundaries=boundaries,
+        segments=files,
+        segment_modules=pieces,
+        exit_score=policy.exit_score,
+        thresholds=policy.thresholds,
+        profiles=list(gated.profiles.values()),
+        active_profile=policy.profile,
+        timm_dgate_version=__version__,
+    ).save(folder)
+    for module, name, x in zip(modules, files, checks):
+        got, want = LOADERS[format](folder / name)(x), module(x)
+        want = want if isinstance(want, tuple) else (want,)
+        close = [torch.allclose(g.float(), w.float(), rtol=VERIFY_ATOL, atol=VERIFY_ATOL) for g, w in zip(got, want)]
+        if len(got) != len(want) or not all(close):
+            raise ExportError(f"{folder / name} gives other outputs than the eager model at batch size {len(x)}")
+    return manifest_path

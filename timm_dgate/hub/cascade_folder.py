@@ -1,0 +1,183 @@
+"""A cascade's folder: a manifest, its profiles and model card, and one GatedModel folder per member.
+
+``cascade_config.json`` lists the member folders in run order (``member0``, ``member1``, ...),
+the heads' exit score, the thresholds in force and the active profile; ``profiles.json`` holds
+the cascade's profiles (one threshold per exit, in run order). Each member folder is the
+GatedModel format of docs/hub.md, so its backbone is stored in timm's layout or named by a
+timm Hub id, and a plain member is a folder with no gates. Reading checks the manifest and every
+profile against the members' configs before any backbone is built. Format in docs/cascades.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..core.config import CONFIG_NAME, FORMAT, DGateConfig, read_json
+from ..core.profiles import Profile, decode_thresholds
+from ..core.scores import EXIT_SCORES
+from ..errors import HubFormatError
+from ..reports import profiles_table
+from ..version import __version__
+from .folder import CARD_NAME, LOADED_FILES, PROFILES_NAME
+
+CASCADE_CONFIG_NAME = "cascade_config.json"
+CASCADE_FORMAT = "timm_dgate_cascade"
+CASCADE_FORMAT_VERSION = 1  # the newest this library reads
+# what loading a cascade repo downloads: each member folder's model files, not its card
+HUB_PATTERNS = [CASCADE_CONFIG_NAME, PROFILES_NAME, *(f"member*/{name}" for name in LOADED_FILES)]
+
+
+def member_folder(index: int) -> str:
+    return f"member{index}"
+
+
+@dataclass
+class Manifest:
+    """A cascade folder's manifest and profiles, checked against the members' configs."""
+
+    members: list[str]
+    configs: list[DGateConfig]
+    exit_score: str
+    profiles: list[Profile]
+    thresholds: tuple[float, ...]
+    active_profile: str | None
+
+
+def num_exits(configs: Sequence[DGateConfig]) -> int:
+    """Thresholded exits of a cascade of these members: every gate and every head but the last."""
+    return sum(c.num_gates + 1 for c in configs) - 1
+
+
+def write_manifest(
+    folder: Path,
+    configs: Sequence[DGateConfig],
+    exit_score: str,
+    profiles: Sequence[Profile],
+    state: dict[str, Any],
+    card_repo_id: str | None,
+) -> Path:
+    """Write the manifest, profiles and card beside member folders already written."""
+    manifest = {
+        "format": CASCADE_FORMAT,
+        "format_version": CASCADE_FORMAT_VERSION,
+        "library_version": __version__,
+        "members": [
+            {
+                "folder": member_folder(i),
+                "architecture": c.architecture,
+                "num_gates": c.num_gates,
+                "input_size": list(c.input_size),
+            }
+            for i, c in enumerate(configs)
+        ],
+        "exit_score": exit_score,
+        **state,
+    }
+    _write_json(folder / CASCADE_CONFIG_NAME, manifest)
+    _write_json(folder / PROFILES_NAME, {"profiles": [p.to_dict() for p in profiles]})
+    _write_card(folder, configs, profiles, card_repo_id)
+    return folder
+
+
+def is_cascade(folder: Path) -> bool:
+    return (folder / CASCADE_CONFIG_NAME).is_file()
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest, the members' configs and the profiles, or a :class:`HubFormatError` naming file and field."""
+    path = folder / CASCADE_CONFIG_NAME
+    raw = read_json(path, "the cascade's manifest")
+    if not isinstance(raw, dict) or raw.get("format") != CASCADE_FORMAT:
+        raise HubFormatError(f"{path} is not a timm_dgate cascade manifest")
+    version = raw.get("format_version")
+    if not isinstance(version, int):
+        raise HubFormatError(f"{path} has no integer format_version")
+    if version > CASCADE_FORMAT_VERSION:
+        raise HubFormatError(
+            f"{path} has format version {version}, newer than this timm_dgate ({__version__}) reads "
+            f"(up to {CASCADE_FORMAT_VERSION}); upgrade timm_dgate"
+        )
+    entries = raw.get("members")
+    if (
+        not isinstance(entries, list)
+        or len(entries) < 2
+        or not all(isinstance(e, dict) and isinstance(e.get("folder"), str) for e in entries)
+    ):
+        raise HubFormatError(f"{path}: members must be a list of two or more objects with a folder")
+    names = [e["folder"] for e in entries]
+    if any("/" in n or "\\" in n or n.startswith(".") for n in names):
+        raise HubFormatError(f"{path}: member folders must be plain names inside the cascade folder, got {names}")
+    configs = [DGateConfig.from_pretrained(folder / name) for name in names]
+    for entry, config in zip(entries, configs):
+        if entry.get("num_gates", config.num_gates) != config.num_gates:
+            raise HubFormatError(
+                f"{path}: member {entry['folder']} is listed with {entry['num_gates']} gates; its "
+                f"{CONFIG_NAME} has {config.num_gates}"
+            )
+    exits = num_exits(configs)
+    score = raw.get("exit_score")
+    if score not in EXIT_SCORES:
+        raise HubFormatError(f"{path}: exit_score must be one of {EXIT_SCORES}, got {score!r}")
+    try:
+        thresholds = decode_thresholds(raw.get("thresholds") or ["inf"] * exits, exits)
+    except ValueError as error:
+        raise HubFormatError(f"{path}: thresholds: {error}") from error
+    profiles = _read_profiles(folder / PROFILES_NAME, exits)
+    active = raw.get("active_profile")
+    if active is not None and active not in {p.name for p in profiles}:
+        raise HubFormatError(f"{path}: active_profile {active!r} is not in {PROFILES_NAME}")
+    return Manifest(names, configs, score, profiles, thresholds, active)
+
+
+def _read_profiles(path: Path, exits: int) -> list[Profile]:
+    data = read_json(path, "the cascade's threshold profiles")
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
+        raise HubFormatError(f'{path} is not a list of profiles (expected {{"profiles": [...]}})')
+    profiles = []
+    for i, entry in enumerate(data["profiles"]):
+        try:
+            profiles.append(Profile.from_dict(entry, exits))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise HubFormatError(
+                f"{path}: profile #{i}: {error} (a cascade profile has one threshold per exit)"
+            ) from error
+    return profiles
+
+
+def _write_card(folder: Path, configs: Sequence[DGateConfig], profiles: Sequence[Profile], repo: str | None) -> None:
+    chain = " -> ".join(f"`{c.architecture}`" + (f" ({c.num_gates} gates)" if c.num_gates else "") for c in configs)
+    repo = repo or "<org>/<name>"
+    usage = (
+        "## How to load\n\n```python\nimport timm_dgate\n\n"
+        f'model = timm_dgate.from_pretrained("{repo}")  # a Cascade, the saved active profile\n'
+        "logits = model(images)  # each sample leaves at the first member confident enough\n```\n"
+    )
+    members = "\n".join(
+        f"- `member{i}/`: {c.architecture}, input {'x'.join(map(str, c.input_size))}, a timm_dgate gated-model "
+        f"folder{' with its backbone in timm layout' if c.include_backbone else f' naming `{c.base_model}`'}"
+        for i, c in enumerate(configs)
+    )
+    text = (
+        f"# Cascade {chain}\n\nA timm_dgate cascade: each image runs the members cheapest first and leaves at "
+        "the first gate or member head confident enough; the last member answers the rest. Each member reads "
+        "the batch resized to its own input size.\n\n"
+        f"{usage}\n{profiles_table(profiles)}\n## Files\n\n`{CASCADE_CONFIG_NAME}` (members, exit score, "
+        f"thresholds), `{PROFILES_NAME}` (one threshold per exit, in run order), and\n\n{members}\n\n"
+        f"Format version {CASCADE_FORMAT_VERSION}, written by timm_dgate {__version__}.\n"
+    )
+    data = ModelCardData(
+        library_name=FORMAT,
+        tags=["timm", "image-classification", "early-exit", "cascade"],
+        pipeline_tag="image-classification",
+    )
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(folder / CARD_NAME)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
