@@ -101,7 +101,7 @@ def test_the_import_graph_has_no_cycle_lazy_and_type_only_imports_included():
     assert "timm_dgate.models.building" in graph["timm_dgate.cli.main"]  # a function-level import is seen
     assert "timm_dgate.core.policy" in graph["timm_dgate.models.gated"]  # and a module-level one
     assert "timm_dgate.core.exit_table" in graph["timm_dgate.core.contract"]  # and a TYPE_CHECKING one
-    assert "timm_dgate.hub.folder" in graph["timm_dgate.models.auto"]  # and `from ..hub import folder`
+    assert "timm_dgate.hub.cascade_folder" in graph["timm_dgate.models.auto"]  # and `from ..hub import cascade_folder`
     assert cycles(graph) == []
 
 

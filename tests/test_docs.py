@@ -9,6 +9,7 @@ tests/test_recipe_docs.py.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -80,13 +81,34 @@ def test_shell_commands_run_as_written(doc, tmp_path):
         assert done.returncode == 0, f"{doc.name}: {command}\n{done.stderr[-2000:]}"
 
 
-def test_api_reference_covers_every_public_name():
+def test_api_reference_lists_exactly_the_public_names():
+    """Every name in ``__all__`` has its section, and every section names something public: a root name,
+    a member of one (``Cascade.from_pretrained``), or a module path that imports."""
     api = (ROOT / "docs/api.md").read_text()
     missing = [name for name in timm_dgate.__all__ if name != "__version__" and f"`{name}" not in api]
     assert not missing, f"docs/api.md does not document {missing}"
+    for heading in re.findall(r"^### `([^`(]+)", api, flags=re.M):
+        root, _, rest = heading.partition(".")
+        if root == "timm_dgate":  # a module path, or a name in a module
+            module, _, name = rest.partition(": ")[0].strip().rpartition(".")
+            owner = importlib.import_module(f"timm_dgate.{module}" if module else f"timm_dgate.{name}")
+            assert not module or hasattr(owner, name), heading
+        else:
+            assert root in timm_dgate.__all__, f"docs/api.md documents {heading!r}, which timm_dgate does not export"
 
 
 def test_every_doc_link_resolves():
     for doc in DOCS:
         for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_benchmark_scripts_the_docs_name_exist_and_benchmarks_readme_maps_every_one():
+    """Docs quote benchmark commands by path (``benchmarks/<folder>/<script>.py``); benchmarks/README.md lists all."""
+    readme = ROOT / "benchmarks" / "README.md"
+    for doc in [*DOCS, readme]:
+        for path in re.findall(r"(?<![\w/])benchmarks/[\w/]+\.py", doc.read_text()):
+            assert (ROOT / path).is_file(), f"{doc.name} names {path}, which does not exist"
+    scripts = sorted(p.relative_to(readme.parent).as_posix() for p in readme.parent.rglob("*.py"))
+    unlisted = [s for s in scripts if not s.endswith("__init__.py") and f"`{s}`" not in readme.read_text()]
+    assert not unlisted, f"benchmarks/README.md does not list {unlisted}"

@@ -55,7 +55,8 @@ def exported(tmp_path_factory):
     gated, images = gated_with_mixed_exits()
     folders = {"onnx": tmp_path_factory.mktemp("onnx"), "torch": tmp_path_factory.mktemp("torch")}
     timm_dgate.export(gated, folders["onnx"], format="onnx")
-    bare = timm_dgate.wrap(gated.base_model, input_size=gated.input_size, gate_hidden=gated.config.gate_hidden)
+    bare = timm_dgate.wrap(gated.base_model, input_size=gated.input_size, gate_head=gated.config.gate_head,
+                           gate_head_options=gated.config.gate_head_options)
     bare.gates.load_state_dict(gated.gates.state_dict())
     with pytest.warns(UserWarning, match="never exits early"):
         timm_dgate.export(bare, folders["torch"], format="torch")
@@ -133,3 +134,25 @@ def test_train_mode_a_compiled_model_and_an_unknown_format_are_refused(tmp_path)
     gated.eval().compile(backend="eager")
     with pytest.raises(timm_dgate.ExportError, match=r"before compile\(\)"):
         timm_dgate.export(gated, tmp_path)
+
+
+def test_the_runtime_runs_one_policy_per_call_even_when_switched_mid_call(exported):
+    """A profile switch while a call runs (here: inside its first segment) reaches only the next call;
+    ``profile=`` runs a profile for one call and leaves the folder's active one in force."""
+    _gated, images, folders = exported
+    runtime = OnnxGatedModel(folders["onnx"], profile="first")
+    want = {name: OnnxGatedModel(folders["onnx"], profile=name)(images, return_exits=True) for name in runtime.profiles}
+    assert not torch.equal(want["first"].exits, want["mixed"].exits)
+    first_segment = runtime.segments[0]
+
+    def switching(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        runtime.use_profile("mixed")
+        return first_segment(x)
+
+    runtime.segments[0] = switching
+    got = runtime(images, return_exits=True)
+    assert runtime.active_profile == "mixed" and torch.equal(got.exits, want["first"].exits)
+    runtime.segments[0] = first_segment
+    runtime.use_profile("first")
+    per_call = runtime(images, return_exits=True, profile="mixed")
+    assert torch.equal(per_call.exits, want["mixed"].exits) and runtime.active_profile == "first"

@@ -79,7 +79,7 @@ def test_mlp_gates_round_trip_through_the_hub_format_as_version_2(tmp_path, fmni
     config = json.loads((tmp_path / "dgate_config.json").read_text())
     assert config["format_version"] == 2 and config["gate_hidden"] == 16  # a version-1 reader refuses it
     loaded = timm_dgate.from_pretrained(tmp_path)
-    assert loaded.config.gate_hidden == 16
+    assert loaded.config.gate_head == "mlp" and loaded.config.gate_head_options == {"hidden": 16}
     x = batches(fmnist.val)[0][0][:40]
     a, b = gated(x, return_exits=True), loaded(x, return_exits=True)
     assert torch.equal(a.exits, b.exits)
@@ -168,7 +168,7 @@ def test_sample_weights_must_match_the_cache(trained_caches):
 
 def test_fit_kind_refuses_a_model_wrapped_for_another_kind(trained_caches):
     train, val = trained_caches
-    with pytest.raises(ValueError, match="gate_hidden=128"):
+    with pytest.raises(ValueError, match=r"gate_head='mlp', gate_head_options=\{'hidden': 128\}"):
         fit_kind(trained_gated_copy(), train, GATE_KINDS["mlp"], val, epochs=1, progress=False)
     with pytest.raises(ValueError, match="pass val="):
         fit_kind(trained_gated_copy(), train, GATE_KINDS["survivors"], epochs=1, progress=False)
@@ -193,7 +193,7 @@ def test_a_plain_fit_of_mlp_gates_trains_them_as_the_measured_mlp_kind(trained_b
     gates = []
     for how in ("fit", "kind"):
         torch.manual_seed(0)
-        gated = trained_gated(trained_backbone, gate_hidden=GATE_KINDS["mlp"].hidden)
+        gated = trained_gated(trained_backbone, gate_hidden=GATE_KINDS["mlp"].head_options["hidden"])
         if how == "fit":
             fit(gated, train, loss="ce", epochs=30, progress=False)
         else:

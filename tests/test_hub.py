@@ -22,7 +22,8 @@ from torch import nn
 
 import timm_dgate
 from timm_dgate import HubFormatError
-from timm_dgate.hub.folder import backbone_args
+from timm_dgate.core.config import FORMAT_VERSION
+from timm_dgate.hub.backbone import backbone_args
 
 from .helpers import hooks
 
@@ -395,8 +396,9 @@ def test_refuses_a_missing_folder(tmp_path):
 
 
 def test_refuses_a_newer_format_version(saved):
-    edit_json(saved / "dgate_config.json", format_version=3)
-    with pytest.raises(HubFormatError, match=r"format version 3, newer than this timm_dgate .* upgrade timm_dgate"):
+    newer = FORMAT_VERSION + 1
+    edit_json(saved / "dgate_config.json", format_version=newer)
+    with pytest.raises(HubFormatError, match=rf"format version {newer}, newer than this timm_dgate .* upgrade"):
         timm_dgate.from_pretrained(saved)
 
 

@@ -71,7 +71,8 @@ def test_recipe_on_an_image_folder_then_a_rerun_reuses_the_caches(tmp_path, imag
     assert "validation: 100 images (validation)" in first and "No --test-split" in (tmp_path / "results.md").read_text()
     gated = timm_dgate.from_pretrained(tmp_path / "hub")
     assert list(gated.profiles) == ["drop-0.5pt"] and gated.gate_loss == "ce"  # the default kind: MLP gates, CE
-    assert gated.config.gate_hidden == GATE_KINDS[DEFAULT_GATE_KIND].hidden > 0
+    kind = GATE_KINDS[DEFAULT_GATE_KIND]
+    assert gated.config.gate_head == kind.head == "mlp" and gated.config.gate_head_options == kind.head_options
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran although every split was cached")

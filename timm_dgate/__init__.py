@@ -14,11 +14,13 @@ from .core.config import DGateConfig
 from .core.costs import GateCosts
 from .core.engine import ExitResult
 from .core.exit_table import ExitTable
-from .core.gates import DecisionGate
+from .core.gates import DecisionGate, register_gate_head
+from .core.policy import ExitPolicy
 from .core.profiles import Profile
 from .deploy.export import export
 from .errors import CalibrationError, ChanceAccuracyError, ExportError, HubFormatError, UnsupportedModelError
-from .evaluation.evaluate import EvalReport, evaluate
+from .evaluation.evaluate import evaluate
+from .evaluation.results import EvalReport
 from .fitting.training import FitReport, fit, survivor_weights
 from .models.auto import from_pretrained
 from .models.building import stages
@@ -34,6 +36,7 @@ __all__ = [
     "DGateConfig",
     "DecisionGate",
     "EvalReport",
+    "ExitPolicy",
     "ExitResult",
     "ExitTable",
     "ExportError",
@@ -54,6 +57,7 @@ __all__ = [
     "fit",
     "from_pretrained",
     "register_family",
+    "register_gate_head",
     "stages",
     "survivor_weights",
     "tradeoff_curve",

@@ -58,9 +58,10 @@ CAUSES = [  # (pattern in the refusal reason, cause as the doc groups it, what i
      "`feature_info`'s `num_chs` matches no dimension of the output"),
     ("breaks the rest of the forward",
      "removing samples breaks the later forward: `forward` keeps the batch size from before every boundary",
-     "the model's `forward` reads `B = x.shape[0]` before its first stage and reshapes with it after each one "
-     "(coat, twins, deepseek_vit, qwen3_vit), so no boundary inside it can shrink the batch; tensors held from "
-     "before a boundary are cut to the survivors (realign), a stored integer is not"),
+     "the model's `forward` reads `B = x.shape[0]` before its first stage and reshapes with it after each one, "
+     "so no boundary inside it can shrink the batch; tensors held from before a boundary are cut to the survivors "
+     "(realign), a stored integer is not, unless the family registers a forward that reads the batch from the "
+     "tensor (`register_family(..., forward=...)`, as coat, twins, deepseek_vit and qwen3_vit do)"),
     ("different logits", "samples that go on get different logits",
      "a later layer mixes samples, so the survivors' results change when others leave"),
     ("no stage boundary before its last stage", "no boundary before the last stage", "nothing to gate"),
@@ -259,7 +260,8 @@ def summary(rows: list[dict[str, object]]) -> list[str]:
             f"(often a stem or a head-side boundary): {', '.join(partial)}."
         )
     total_refused = sum(len(v) for v in refused.values())
-    lines.append(f"- **{total_refused} families are refused** by `wrap` with the default gates. By cause:")
+    lines.append(f"- **{total_refused} families are refused** by `wrap` with the default gates"
+                 + (". By cause:" if refused else "."))
     for (cause, why), families in sorted(refused.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  - {cause} ({len(families)}): {', '.join(families)}. Why: {why}.")
     if skipped:

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     # one wrapper per model: gated where asked (its caches serve the plain model too), else no gates
     members = {n: build(n, args.dry_run) for n in names}
     wrapped = {
-        n: timm_dgate.wrap(m, None if n in gated_names else [], input_size=size, gate_hidden=kind.hidden)
+        n: timm_dgate.wrap(m, None if n in gated_names else [], input_size=size, gate_head=kind.head,
+                           gate_head_options=kind.head_options)
         for n, m in members.items()
     }
     caches = {

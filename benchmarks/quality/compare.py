@@ -153,7 +153,11 @@ def run_model(name: str, args: argparse.Namespace, out_root: Path) -> dict:
     loaders["train_128"] = TensorBatches(splits["train"], args.input_size, batch_size=128)
     plain = copy.deepcopy(backbone)  # no hooks: the reference for timing and the plain pass
     kinds = dict.fromkeys(kind for kind, _ in METHODS.values())
-    gated = {kind: wrap(backbone, input_size=input_size, gate_hidden=GATE_KINDS[kind].hidden) for kind in kinds}
+    gated = {
+        kind: wrap(backbone, input_size=input_size, gate_head=GATE_KINDS[kind].head,
+                   gate_head_options=GATE_KINDS[kind].head_options)
+        for kind in kinds
+    }
     costs = gated["hinge"].costs
     result["gates"] = [b.name for b in gated["hinge"].boundaries]
     result["costs"] = {"to_gate": costs.to_gate, "gate": costs.gate, "backbone": costs.backbone}

@@ -34,8 +34,8 @@ import timm_dgate
 from benchmarks.common import METHODS, profile_name
 from timm_dgate import GatedModel, evaluate
 from timm_dgate.demo.pipeline import DROPS
-from timm_dgate.evaluation.evaluate import ProfileResult
 from timm_dgate.evaluation.plots import plot_exits_per_class
+from timm_dgate.evaluation.results import ProfileResult
 from timm_dgate.fashion_mnist import CLASSES, TensorBatches, load_splits
 
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     kind = GATE_KINDS[args.kind]
     size = (1, args.input_size, args.input_size)
-    gated = wrap(load_trained(args.model), input_size=size, gate_hidden=kind.hidden)
+    gated = wrap(load_trained(args.model), input_size=size, gate_head=kind.head, gate_head_options=kind.head_options)
     cache = FeatureCache.load(args.cache)
     val = FeatureCache.load(args.val_cache) if args.val_cache else None
     before = maxrss_mib()

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="feature caches, made once (as ztw.py's)")
     args = parser.parse_args(argv)
     kind = GATE_KINDS[args.kind]
-    gated = wrap(load_trained(args.model, args.root), input_size=(1, 32, 32), gate_hidden=kind.hidden)
+    gated = wrap(load_trained(args.model, args.root), input_size=(1, 32, 32), gate_head=kind.head,
+                 gate_head_options=kind.head_options)
     caches, _ = split_caches(args.model, args.root, args.cache_dir, 32)
     fit_kind(gated, caches["train"], kind, caches["val"], progress=False)
     pool = pooled(caches["val"], caches["test"])

@@ -7,7 +7,7 @@ pooled features concatenated with the logits of gates 0..k-1 (fit first, in orde
 the gates are fit (ZTW's normalised weighted geometric mean). Both are measured alone, for linear
 and MLP gates, and combined, beside hinge gates (the paper), linear CE gates with max-softmax
 (Shallow-Deep Networks) and MLP gates (the recipe's default), all on one train / validation /
-test cache of the same backbone, with the library's own trainer (``_GateTrainer``: standardised
+test cache of the same backbone, with the library's own trainer (``GateTrainer``: standardised
 features, mini-batch Adam, cosine schedule; a cascaded gate k >= 1 starts from the plain gate k
 with zero weight on the logits and is fine-tuned for ``--cascade-epochs`` at ``--cascade-lr``,
 gate 0 is the plain gate) and its own threshold search
@@ -52,21 +52,15 @@ from timm_dgate.calibration.goals import Target
 from timm_dgate.calibration.search import search_thresholds
 from timm_dgate.core.costs import GateCosts, count_flops
 from timm_dgate.core.exit_table import ExitTable
-from timm_dgate.core.gates import DecisionGate, gate_head
+from timm_dgate.core.gates import DecisionGate, gate_head, head_for_hidden
 from timm_dgate.core.scores import exit_score
 from timm_dgate.demo.pipeline import DROPS
 from timm_dgate.fitting.distributed import Reducer
 from timm_dgate.fitting.gate_kinds import GATE_KINDS, fit_kind
-from timm_dgate.fitting.training import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_EPOCHS,
-    _feature_stats,
-    _fit_cached,
-    _GateTrainer,
-    default_lr,
-)
+from timm_dgate.fitting.trainer import GateTrainer, feature_stats
+from timm_dgate.fitting.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, _fit_cached
 
-MLP_HIDDEN = GATE_KINDS["mlp"].hidden
+MLP_HIDDEN = GATE_KINDS["mlp"].head_options["hidden"]
 CURVE_FLOORS = {"iso": 0.001, "-0.5pt": 0.005}  # test accuracy floors (as DROPS) for the descriptive curve read
 GROUPS = ("baselines", "ensembles", "cascade-ce", "cascade-mlp")
 
@@ -77,14 +71,18 @@ def library_gates(kind: str, train: FeatureCache, args: argparse.Namespace) -> n
     saved = args.gates_from / f"{kind}_gates.pt" if args.gates_from else None
     if saved and saved.exists():  # the very gates compare.py fit and measured, on the same training cache
         num_classes = int(train.logits.shape[1])
-        gates = nn.ModuleList(DecisionGate(f.shape[1], num_classes, "NCHW", hidden=spec.hidden) for f in train.features)
+        gates = nn.ModuleList(
+            DecisionGate(f.shape[1], num_classes, "NCHW", head=spec.head, head_options=spec.head_options)
+            for f in train.features
+        )
         gates.load_state_dict(torch.load(saved))
         print(f"  {kind}: gates loaded from {saved}", flush=True)
         return gates.eval()
     model = wrap(
         load_trained(args.model, args.backbones),
         input_size=(1, args.input_size, args.input_size),
-        gate_hidden=spec.hidden,
+        gate_head=spec.head,
+        gate_head_options=spec.head_options,
     )
     start = time.perf_counter()
     fit_kind(model, train, spec, epochs=args.epochs, progress=False)
@@ -117,9 +115,15 @@ class ChainedGateCosts(GateCosts):
         return torch.cat([at_gates, (self.backbone + passed[-1]).reshape(1)])
 
 
+def head_layers(in_features: int, num_classes: int, hidden: int) -> nn.Sequential:
+    """A gate's layers after pooling: the linear head (``hidden=0``) or the ``mlp`` head with ``hidden`` units."""
+    name, options = head_for_hidden(hidden)
+    return gate_head(name).layers(in_features, num_classes, options)
+
+
 def linear_flops(in_features: int, num_classes: int, hidden: int) -> float:
     """What the gate's layers after pooling cost (FlopCounterMode, as every other gate's count)."""
-    return count_flops(gate_head(in_features, num_classes, hidden), torch.zeros(1, in_features))
+    return count_flops(head_layers(in_features, num_classes, hidden), torch.zeros(1, in_features))
 
 
 @dataclass
@@ -149,13 +153,12 @@ def fit_heads(
     """
     torch.manual_seed(seed)
     labels = train.labels
-    gates = [_Layers(gate_head(f.shape[1], int(labels.max()) + 1, hidden)) for f in features]
+    gates = [_Layers(head_layers(f.shape[1], int(labels.max()) + 1, hidden)) for f in features]
     reducer = Reducer(None)
     device = torch.device("cpu")
-    mean, std, total = _feature_stats([(features, labels)], reducer, device)
-    trainer = _GateTrainer(
-        nn.ModuleList(gates), mean, std, "ce", lr or default_lr(bool(hidden)), 1e-4, reducer, device
-    )
+    mean, std, total = feature_stats([(features, labels)], reducer, device)
+    lr = lr or gate_head(head_for_hidden(hidden)[0]).default_lr
+    trainer = GateTrainer(nn.ModuleList(gates), mean, std, "ce", lr, 1e-4, reducer, device)
     for head, start, m, sd in zip(trainer.heads, init or [], mean, std):
         if start is not None:
             warm_start(head, start, m, sd)
@@ -169,7 +172,7 @@ def fit_heads(
 def warm_start(head: nn.Sequential, start: nn.Sequential, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Set a trainer's working layers to ``start``'s function, new trailing input columns at zero weight.
 
-    The trainer computes ``linear(x - mean, W_t / std, b_t)`` (``_GateTrainer.margins``) and ``start``
+    The trainer computes ``linear(x - mean, W_t / std, b_t)`` (``GateTrainer.margins``) and ``start``
     ``W x + b`` on the first columns of ``x``: so ``W_t = [W, 0] * std`` and ``b_t = b + [W, 0] @ mean``.
     """
     first, source = head[0], start[0]
@@ -182,7 +185,7 @@ def warm_start(head: nn.Sequential, start: nn.Sequential, mean: torch.Tensor, st
 
 
 class _Layers(nn.Module):
-    """What ``_GateTrainer`` needs of a gate: ``layers()``, here a plain ``gate_head``."""
+    """What ``GateTrainer`` needs of a gate: ``layers()``, here a plain head's layers."""
 
     def __init__(self, seq: nn.Sequential):
         super().__init__()
@@ -485,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cascade-lr",
         type=float,
         default=None,
-        help="Adam lr of the cascaded gates' fine-tune (default: the kind's own, default_lr)",
+        help="Adam lr of the cascaded gates' fine-tune (default: the kind's gate head's default_lr)",
     )
     parser.add_argument(
         "--only",

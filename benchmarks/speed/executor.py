@@ -63,7 +63,7 @@ def build(
 def variants(
     plain: torch.nn.Module, gated: timm_dgate.GatedModel, half: tuple[float, ...], images: torch.Tensor, batch: int
 ) -> dict[str, Variant]:
-    """What gets timed; each gated variant sets the thresholds it needs (a tuple assignment).
+    """What gets timed; each gated variant sets the thresholds it needs (``set_thresholds``, before each call).
 
     ``exit at gate 0`` (everyone leaves there) times the network up to gate 0; with ``plain``
     on half batches it gives the time a perfect half-exit would take (see :func:`time_ideal`).
@@ -72,7 +72,7 @@ def variants(
 
     def with_thresholds(thresholds: tuple[float, ...], **kwargs: bool) -> Run:
         def run(x: torch.Tensor) -> object:
-            gated.thresholds = thresholds
+            gated.set_thresholds(thresholds)
             return gated(x, **kwargs)
 
         return run

@@ -2,7 +2,8 @@
 
 Every timm model lists its stage ends in ``model.feature_info``. Those names are the
 candidate boundaries; a small registry lets a family override the candidates or the default
-placement, or supply the forward the exit engine runs (``timm_dgate.boundaries.adapters``). Whether a boundary really works as an early-exit point is checked by a probe
+placement, or supply the forward the exit engine runs (``timm_dgate.boundaries.adapters``).
+Whether a boundary really works as an early-exit point is checked by a probe
 (``timm_dgate.boundaries.probe``), not assumed.
 """
 
@@ -48,9 +49,11 @@ def register_family(
     ``"vision_transformer"`` (see :func:`family_of`). ``forward(model, x) -> logits`` is run by
     the exit engine instead of ``model(x)``: the model's own computation, rewritten so that no
     batch size read before a boundary is used after it (exited samples leave the batch there).
-    The new rule replaces the family's earlier one, a built-in ``forward`` included.
+    What is not given stays as registered before, so a placement override keeps a built-in forward.
     """
-    _FAMILY_RULES[family] = FamilyRule(boundaries, placement, unsupported, forward)
+    given = {"boundaries": boundaries, "placement": placement, "unsupported": unsupported, "forward": forward}
+    rule = _FAMILY_RULES.get(family, FamilyRule())
+    _FAMILY_RULES[family] = replace(rule, **{field: value for field, value in given.items() if value is not None})
 
 
 def family_forward(model: nn.Module) -> Forward | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..core.gates import gate_head
 from ..fitting.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS
-from ..fitting.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, LINEAR_LR, MLP_LR
+from ..fitting.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
 
 DESCRIPTION = (
     "Fit decision gates to a trained timm classifier, calibrate threshold profiles on validation data, "
@@ -107,8 +108,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="images per Adam step on the cached features, over all processes; `full`: one "
                             "full-batch step per epoch")
     gates.add_argument("--gate-lr", type=float, default=None,
-                       help=f"Adam learning rate, cosine-decayed (default: the kind's, {LINEAR_LR:g} linear, "
-                            f"{MLP_LR:g} MLP)")
+                       help="Adam learning rate, cosine-decayed (default: the kind's gate head's, "
+                            f"{gate_head('linear').default_lr:g} linear, {gate_head('mlp').default_lr:g} mlp)")
     gates.add_argument("--gate-reg", type=float, default=1e-4, help="L2 weight lambda of ||W||^2")
     add_cascade_arguments(parser)
     add_target_arguments(parser)

@@ -10,22 +10,21 @@ as the one-model recipe, with the cascade's folder under ``hub/``. It runs on on
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..calibration.calibrate import calibrate_targets, measured_tradeoff
+from ..calibration.calibrate import calibrate_targets
 from ..errors import InputError
 from ..evaluation.evaluate import evaluate
-from ..evaluation.plots import plot_tradeoff
 from ..fitting.gate_kinds import fit_kind, gate_kind
 from ..models.cascade import Cascade
 from ..models.gated import GatedModel, wrap
-from ..reports import data_config_summary, recipe_results
-from .recipe import HUB_DIR, PLOT_NAME, RESULTS_JSON, RESULTS_MD, RecipeConfig, build_model, wrap_model
+from ..reports import data_config_summary
+from .outputs import RunDescription, write_outputs
+from .recipe import RecipeConfig, build_model, wrap_model
 from .recipe_data import VALIDATION, RecipeData, data_config
 
 
@@ -47,7 +46,7 @@ def build_cascade(config: RecipeConfig) -> tuple[Cascade, dict[str, Any]]:
         size = preprocessing["input_size"]
         gated = config.cascade_gates == "all" or (config.cascade_gates == "last" and last)
         if gated:
-            members.append(wrap_model(model, config.gates if last else None, size, kind.hidden))
+            members.append(wrap_model(model, config.gates if last else None, size, kind))
         else:
             members.append(wrap(model, [], input_size=size))
     try:
@@ -102,68 +101,40 @@ def run_cascade_fit(config: RecipeConfig) -> int:
             allow_chance_accuracy=config.allow_chance_accuracy,
         )
         print(test_report.table())
-    write_cascade_outputs(Path(config.output), model, config, caches, reports, test_report, preprocessing)
+    run = describe_cascade_run(model, config, caches, reports, preprocessing)
+    write_outputs(Path(config.output), model, caches, model.exit_table, run, test_report, config.push_to_hub)
     return 0
 
 
-def write_cascade_outputs(
-    out: Path,
+def describe_cascade_run(
     model: Cascade,
     config: RecipeConfig,
     caches: dict[str, list],
     reports: dict[int, Any],
-    test_report: Any,
     preprocessing: dict[str, Any],
-) -> None:
-    """The trade-off plot, results.md/json and the cascade's folder; pushes if asked."""
-    out.mkdir(parents=True, exist_ok=True)
-    measured = "test" if "test" in caches else "validation"
-    val_table = model.exit_table(caches["validation"])
-    table = model.exit_table(caches[measured])
-    profiles = list(model.profiles.values())
-    plot_tradeoff(
-        {"cascade (thresholds from validation)": measured_tradeoff(val_table, table)},
-        (table.plain_accuracy, model.costs.backbone / 1e9),
-        out / PLOT_NAME,
-        split=measured,
-        profiles=[(p.name, *table.evaluate(p.thresholds)[:2]) for p in profiles],
-        title=f"cascade {' -> '.join(config.cascade)}: accuracy against cost on {measured}",
-    )
-    hub = model.save_pretrained(out / HUB_DIR)
+) -> RunDescription:
+    """What results.md/json say of this run: the members and their exits, the data, each gated member's fit."""
     gate_accuracy = [
         (f"{i}:{b.name}", a)
         for i, report in reports.items()
         for b, a in zip(model.members[i].boundaries, report.train_accuracy)
     ]
-    results = {
-        "config": asdict(config),
-        "exits": model.exit_names,
-        "input_sizes": model.input_sizes,
-        "preprocessing": preprocessing,
-        "costs": [asdict(c) for c in model.costs.members],
-        "plain_gflops": model.costs.backbone / 1e9,
-        "fit": {i: asdict(r) for i, r in reports.items()},
-        "profiles": [p.to_dict() for p in profiles],
-        "test": asdict(test_report) if test_report else None,
-    }
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str))
     sizes = "; ".join(f"{name} {len(c[0])} images" for name, c in caches.items())
-    (out / RESULTS_MD).write_text(
-        recipe_results(
-            f"Cascade {' -> '.join(config.cascade)} ({config.cascade_gates} gated, {config.gate_kind} gates)",
-            f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {sizes}. Exits in run "
-            f"order: {', '.join(model.exit_names)}.",
-            gate_accuracy,
-            model.costs.backbone / 1e9,
-            profiles,
-            test_report,
-            PLOT_NAME,
-        )
+    members = " -> ".join(config.cascade)
+    return RunDescription(
+        name=f"cascade {members}",
+        curve="cascade (thresholds from validation)",
+        title=f"Cascade {members} ({config.cascade_gates} gated, {config.gate_kind} gates)",
+        data=f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {sizes}. Exits in run "
+        f"order: {', '.join(model.exit_names)}.",
+        gate_accuracy=gate_accuracy,
+        results={
+            "config": asdict(config),
+            "exits": model.exit_names,
+            "input_sizes": model.input_sizes,
+            "preprocessing": preprocessing,
+            "costs": [asdict(c) for c in model.costs.members],
+            "plain_gflops": model.costs.backbone / 1e9,
+            "fit": {i: asdict(r) for i, r in reports.items()},
+        },
     )
-    print(
-        f"wrote {out / RESULTS_MD}, {out / RESULTS_JSON}, {out / PLOT_NAME}; cascade in {hub} "
-        f"(timm_dgate.from_pretrained({str(hub)!r}))"
-    )
-    if config.push_to_hub:
-        model.push_to_hub(config.push_to_hub)
-        print(f"pushed to https://huggingface.co/{config.push_to_hub}")

@@ -36,7 +36,7 @@ def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> i
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.pipeline import DemoConfig, run_demo
+    from ..demo.pipeline import DemoConfig, run_demo
 
     if args.confidence and not 0.5 <= args.confidence < 1:  # checked before minutes of backbone training
         raise InputError(f"--confidence must be in [0.5, 1), or 0 for none; got {args.confidence}")
@@ -133,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation.bench import throughput
-    from ..reports import throughput_table
+    from ..evaluation.results import throughput_table
 
     gated, data = _load(args)
     split = data.test() if args.test_split else data.splits(need_test=False)["validation"]
@@ -147,7 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from ..hub.folder import PLOT_NAME
+    from ..hub.names import PLOT_NAME
     from ..models.auto import from_pretrained
     from ..models.cascade import Cascade
 

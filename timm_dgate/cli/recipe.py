@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,22 @@ import timm
 import torch
 from torch import nn
 
-from ..calibration.calibrate import ExitTable, calibrate_targets, measured_tradeoff
+from ..calibration.calibrate import calibrate_targets
 from ..core.cache import FeatureCache, cache_features, cache_key
+from ..core.exit_table import ExitTable
 from ..errors import InputError
-from ..evaluation.evaluate import EvalReport, evaluate
-from ..evaluation.plots import plot_tradeoff
+from ..evaluation.evaluate import evaluate
 from ..fitting.distributed import Reducer
-from ..fitting.gate_kinds import DEFAULT_GATE_KIND, fit_kind, gate_kind
+from ..fitting.gate_kinds import DEFAULT_GATE_KIND, GateKind, fit_kind, gate_kind
 from ..fitting.training import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, FitReport
-from ..hub.folder import BACKBONE_CONFIG_NAME
+from ..hub.names import BACKBONE_CONFIG_NAME
 from ..models.gated import GatedModel, wrap
-from ..reports import data_config_summary, recipe_results
+from ..reports import data_config_summary
 from ..version import __version__
+from .outputs import RunDescription, write_outputs
 from .recipe_data import VALIDATION, DataConfig, RecipeData, SplitData, data_config
 
-HUB_DIR, CACHE_DIR, PLOT_NAME = "hub", "cache", "tradeoff.png"
-RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
+CACHE_DIR = "cache"
 
 
 @dataclass
@@ -165,16 +166,18 @@ def preprocessing_source(config: RecipeConfig, origin: str) -> str:
 
 
 def wrap_model(
-    model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...], gate_hidden: int = 0
+    model: nn.Module, gates: tuple[str, ...] | None, input_size: tuple[int, ...], kind: GateKind
 ) -> GatedModel:
-    """``wrap`` with CLI-style gate positions (names, integers as strings, or ``blocks`` alone)."""
+    """``wrap`` with CLI-style gate positions (names, integers as strings, or ``blocks`` alone) and ``kind``'s head."""
     positions: list[str | int] | str | None = None
     if gates == ("blocks",) or gates == ["blocks"]:
         positions = "blocks"
     elif gates:
         positions = [int(g) if g.lstrip("-").isdigit() else g for g in gates]
     try:
-        return wrap(model, positions, input_size=input_size, gate_hidden=gate_hidden)
+        return wrap(
+            model, positions, input_size=input_size, gate_head=kind.head, gate_head_options=kind.head_options
+        )
     except ValueError as error:
         raise InputError(str(error)) from error
 
@@ -220,7 +223,7 @@ def run_fit(config: RecipeConfig) -> int:
     source = preprocessing_source(config, origin)
     say(f"preprocessing: {data_config_summary(preprocessing)} ({source})")
     kind = gate_kind(config.gate_kind)
-    gated = wrap_model(model, config.gates, preprocessing["input_size"], kind.hidden).to(accelerator.device)
+    gated = wrap_model(model, config.gates, preprocessing["input_size"], kind).to(accelerator.device)
     data = RecipeData(config.data, preprocessing)
     splits = data.splits()
     for split in splits.values():
@@ -263,56 +266,37 @@ def run_fit(config: RecipeConfig) -> int:
                                allow_chance_accuracy=config.allow_chance_accuracy)
         say(test_report.table())
     recorded = {"data_config": preprocessing, "source": source}
-    write_outputs(out, gated, config, splits, report, held_out, test_report, recorded)
+    run = describe_run(gated, config, splits, report, held_out, recorded)
+    write_outputs(out, gated, held_out, partial(ExitTable.from_cache, gated), run, test_report, config.push_to_hub)
     return 0
 
 
-def write_outputs(
-    out: Path,
+def describe_run(
     gated: GatedModel,
     config: RecipeConfig,
     splits: dict[str, SplitData],
     report: FitReport,
     held_out: dict[str, FeatureCache],
-    test_report: EvalReport | None,
     preprocessing: dict[str, Any],
-) -> None:
-    """The trade-off plot, results.md/json and the Hub folder; pushes if asked.
+) -> RunDescription:
+    """What results.md/json say of this run: the data, the preprocessing, the gates and their fit.
 
     ``preprocessing``: the timm data config every split was read with (``data_config``) and where it came from
     (``source``).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    profiles = list(gated.profiles.values())
-    measured = "test" if "test" in held_out else "validation"
-    val_table = ExitTable.from_cache(gated, held_out["validation"])
-    table = ExitTable.from_cache(gated, held_out[measured])
-    points = [(p.name, *table.evaluate(p.thresholds)[:2]) for p in profiles]
-    plot_tradeoff(
-        {f"{config.gate_kind} gates (thresholds from validation)": measured_tradeoff(val_table, table)},
-        (table.plain_accuracy, gated.costs.backbone / 1e9), out / PLOT_NAME,
-        split=measured, profiles=points, title=f"{config.model}: accuracy against cost on {measured}",
-    )
-    hub = gated.save_pretrained(out / HUB_DIR, tradeoff_plot=out / PLOT_NAME)
     sizes = {name: {"images": len(s), "source": s.source} for name, s in splits.items()}
-    results = {
-        "config": asdict(config), "data": sizes, "preprocessing": preprocessing,
-        "gates": [b.name for b in gated.boundaries],
-        "calibration_images": len(held_out["validation"]),  # every process's shard, gathered
-        "plain_gflops": gated.costs.backbone / 1e9, "fit": asdict(report),
-        "profiles": [p.to_dict() for p in profiles], "test": asdict(test_report) if test_report else None,
-    }
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str))
     data = "; ".join(f"{name} {s['images']} images ({s['source']})" for name, s in sizes.items())
-    (out / RESULTS_MD).write_text(recipe_results(
-        f"{config.model} with {config.gate_kind} decision gates",
-        f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {data}.\n\n"
+    return RunDescription(
+        name=config.model,
+        curve=f"{config.gate_kind} gates (thresholds from validation)",
+        title=f"{config.model} with {config.gate_kind} decision gates",
+        data=f"Data: {config.data.dataset or 'image folder'} at {config.data.data_dir}: {data}.\n\n"
         f"Preprocessing: {data_config_summary(preprocessing['data_config'])} ({preprocessing['source']}).",
-        [(b.name, a) for b, a in zip(gated.boundaries, report.train_accuracy)],
-        gated.costs.backbone / 1e9, profiles, test_report, PLOT_NAME,
-    ))
-    print(f"wrote {out / RESULTS_MD}, {out / RESULTS_JSON}, {out / PLOT_NAME}; "
-          f"gated model in {hub} (timm_dgate.from_pretrained({str(hub)!r}))")
-    if config.push_to_hub:
-        gated.push_to_hub(config.push_to_hub, tradeoff_plot=out / PLOT_NAME)
-        print(f"pushed to https://huggingface.co/{config.push_to_hub}")
+        gate_accuracy=[(b.name, a) for b, a in zip(gated.boundaries, report.train_accuracy)],
+        results={
+            "config": asdict(config), "data": sizes, "preprocessing": preprocessing,
+            "gates": [b.name for b in gated.boundaries],
+            "calibration_images": len(held_out["validation"]),  # every process's shard, gathered
+            "plain_gflops": gated.costs.backbone / 1e9, "fit": asdict(report),
+        },
+    )

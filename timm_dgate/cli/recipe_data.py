@@ -25,7 +25,6 @@ from ..compat import TORCH_TWO_SPLIT_DATASETS, TRAIN_SPLIT_NAMES, search_split
 from ..core.profiles import Profile
 from ..errors import InputError
 
-SPLITS = ("train", "validation", "test")
 VALIDATION = "validation: "  # how a recipe profile's ``split`` starts; the rest says which images
 
 

@@ -17,12 +17,12 @@ from typing import Any
 from ..errors import HubFormatError
 from ..version import __version__
 from .boundary import LAYOUTS, Boundary
-from .gates import POOLS
+from .gates import POOLS, gate_head, head_for_hidden
 from .losses import GATE_LOSSES
 from .scores import EXIT_SCORES
 
 FORMAT = "timm_dgate"
-FORMAT_VERSION = 2  # the newest this library reads; 2: gates with a hidden layer (``gate_hidden``)
+FORMAT_VERSION = 3  # the newest this library reads; 2: MLP gates (``gate_hidden``); 3: any registered gate head
 CONFIG_NAME = "dgate_config.json"
 _REQUIRED = ("format_version", "architecture", "num_classes", "input_size", "backbone", "gates", "pool", "exit_score")
 _GATE_KEYS = ("name", "module", "num_chs", "layout")
@@ -36,7 +36,8 @@ class DGateConfig:
     ``base_model`` names the timm Hub id the backbone's weights come from, if any, and
     ``include_backbone`` whether a saved folder stores the backbone itself (timm's layout).
     ``model_args`` are the ``timm.create_model`` kwargs that rebuild the backbone.
-    ``gate_hidden`` is the width of each gate's hidden layer (0: the paper's linear gate);
+    ``gate_head`` names each gate's registered head (``linear``: the paper's gate; see
+    :func:`~timm_dgate.register_gate_head`) and ``gate_head_options`` what builds it (``{"hidden": 128}``);
     ``gate_loss`` and ``gate_distill`` record how :func:`~timm_dgate.fit` trained the gates
     (the weight of the backbone's own predictions in their targets).
     ``pruned`` names the modules whose gates ``GatedModel.prune()`` dropped, so a profile made
@@ -50,7 +51,8 @@ class DGateConfig:
     pool: str = "avg"
     gate_loss: str = "hinge"
     exit_score: str = "margin"
-    gate_hidden: int = 0
+    gate_head: str = "linear"
+    gate_head_options: dict[str, Any] = field(default_factory=dict)
     gate_distill: float = 0.0
     base_model: str | None = None
     include_backbone: bool = True
@@ -63,14 +65,26 @@ class DGateConfig:
         self.boundaries = tuple(self.boundaries)
         self.pruned = tuple(self.pruned)
         self.model_args = dict(self.model_args or {})
+        self.gate_head_options = dict(self.gate_head_options or {})
         if self.base_model is not None and self.base_model.startswith("hf-hub:"):
             self.base_model = self.base_model.removeprefix("hf-hub:")  # timm's spelling; the bare repo id is stored
         self.validate()
 
     @property
     def written_version(self) -> int:
-        """The oldest format that holds this config: 2 only for MLP gates, which a version-1 reader would misread."""
-        return 2 if self.gate_hidden else 1
+        """The oldest format that holds this config, so older readers load all they can: 1 for linear gates,
+        2 for MLP gates (a version-1 reader would misread them), 3 for any other head."""
+        hidden = self._format2_hidden()
+        return 3 if hidden is None else 2 if hidden else 1
+
+    def _format2_hidden(self) -> int | None:
+        """The ``gate_hidden`` that formats 1 and 2 write this head as, or ``None`` when they cannot hold it."""
+        hidden = self.gate_head_options.get("hidden", 0)
+        try:
+            same = head_for_hidden(hidden) == (self.gate_head, self.gate_head_options)
+        except ValueError:
+            return None
+        return hidden if same else None
 
     @property
     def num_gates(self) -> int:
@@ -89,8 +103,11 @@ class DGateConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        if not isinstance(self.gate_hidden, int) or self.gate_hidden < 0:
-            raise ValueError(f"gate_hidden must be 0 (linear gates) or a positive width, got {self.gate_hidden!r}")
+        gate_head(self.gate_head).check(self.gate_head_options)
+        try:
+            json.dumps(self.gate_head_options)
+        except TypeError as error:
+            raise ValueError(f"gate_head_options must be JSON values (the config file holds them): {error}") from error
         if not 0.0 <= self.gate_distill <= 1.0:
             raise ValueError(f"gate_distill must lie in [0, 1], got {self.gate_distill!r}")
         for b in self.boundaries:
@@ -127,9 +144,16 @@ class DGateConfig:
             "pool": self.pool,
             "gate_loss": self.gate_loss,
             "gate_distill": self.gate_distill,
-            "gate_hidden": self.gate_hidden,
+            **self._head_dict(),
             "exit_score": self.exit_score,
         }
+
+    def _head_dict(self) -> dict[str, Any]:
+        """The head as the written version spells it: ``gate_hidden`` up to 2, name and options from 3."""
+        hidden = self._format2_hidden()
+        if hidden is not None:
+            return {"gate_hidden": hidden}
+        return {"gate_head": self.gate_head, "gate_head_options": json.loads(json.dumps(self.gate_head_options))}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "the config") -> DGateConfig:
@@ -163,7 +187,7 @@ class DGateConfig:
                 pool=data["pool"],
                 gate_loss=data.get("gate_loss", "hinge"),
                 gate_distill=float(data.get("gate_distill", 0.0)),
-                gate_hidden=data.get("gate_hidden", 0),
+                **_read_head(data, version),
                 exit_score=data["exit_score"],
                 base_model=backbone.get("hub_id"),
                 include_backbone=backbone["source"] == "folder",
@@ -196,6 +220,17 @@ def _gate_dict(b: Boundary) -> dict[str, Any]:
     if b.realign:
         entry["realign"] = True
     return entry
+
+
+def _read_head(data: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """The ``gate_head`` fields of a config: formats 1 and 2 had only ``gate_hidden`` (0, or absent: linear gates)."""
+    if version < 3:
+        name, options = head_for_hidden(data.get("gate_hidden", 0))
+    else:
+        name, options = data.get("gate_head", "linear"), data.get("gate_head_options") or {}
+        if not isinstance(name, str) or not isinstance(options, Mapping):
+            raise ValueError("gate_head must be a name and gate_head_options an object")
+    return {"gate_head": name, "gate_head_options": dict(options)}
 
 
 def read_json(path: Path, what: str) -> Any:

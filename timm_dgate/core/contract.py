@@ -63,7 +63,7 @@ class RunnableExitModel(Protocol):
     def policy_for(self, choice: str | ExitPolicy | None = None) -> ExitPolicy: ...
 
     def __call__(
-        self, x: torch.Tensor, return_exits: bool = False, *, profile: str | ExitPolicy | None = None
+        self, x: torch.Tensor, return_exits: bool = False, profile: str | ExitPolicy | None = None
     ) -> torch.Tensor | ExitResult: ...
 
 

@@ -63,6 +63,7 @@ class ExitPolicyOwner:
     _policy: ExitPolicy
     profiles: dict[str, Profile]
     num_gates: int
+    noun = "model"  # what messages call it: "this cascade has 4"
 
     @property
     def policy(self) -> ExitPolicy:
@@ -106,7 +107,7 @@ class ExitPolicyOwner:
         if len(profile.thresholds) != self.num_gates:
             raise ValueError(
                 f"profile {profile.name!r} has {len(profile.thresholds)} thresholds; "
-                f"this model has {self.num_gates} ({self._exit_description()})"
+                f"this {self.noun} has {self.num_gates} ({self._exit_description()})"
             )
         self.profiles[profile.name] = profile
         if activate:
@@ -114,7 +115,7 @@ class ExitPolicyOwner:
 
     def profile(self, name: str) -> Profile:
         """A stored profile by name; an unknown name raises ``KeyError`` listing the known ones."""
-        return self.profiles[check_profile_name(name, self.profiles, "this model")]
+        return self.profiles[check_profile_name(name, self.profiles, f"this {self.noun}")]
 
     def use_profile(self, name: str) -> Profile:
         """Switch to a stored profile's thresholds and exit score, in one step."""
@@ -128,7 +129,9 @@ class ExitPolicyOwner:
             return self._policy
         if isinstance(choice, ExitPolicy):
             if len(choice.thresholds) != self.num_gates:
-                raise ValueError(f"the policy has {len(choice.thresholds)} thresholds; this model has {self.num_gates}")
+                raise ValueError(
+                    f"the policy has {len(choice.thresholds)} thresholds; this {self.noun} has {self.num_gates}"
+                )
             return choice
         return ExitPolicy.of_profile(self.profile(choice))
 

@@ -87,5 +87,5 @@ class Profile:
 def check_profile_name(name: str, known: Collection[str], where: str) -> str:
     """``name`` if it is among the ``known`` profiles, else a ``KeyError`` that lists them."""
     if name not in known:
-        raise KeyError(f"unknown profile {name!r}; {where} has: {', '.join(known) or 'none'}")
+        raise KeyError(f"unknown profile {name!r} in {where}; it has: {', '.join(known) or 'none'}")
     return name

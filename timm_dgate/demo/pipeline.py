@@ -19,11 +19,12 @@ from timm_dgate.calibration.curves import measured_tradeoff
 from timm_dgate.core.cache import FeatureCache, cache_features
 from timm_dgate.core.exit_table import ExitTable
 from timm_dgate.core.losses import DEFAULT_EXIT_SCORE
-from timm_dgate.evaluation.evaluate import EvalReport, evaluate
+from timm_dgate.evaluation.evaluate import evaluate
 from timm_dgate.evaluation.plots import plot_exits_per_class, plot_tradeoff
+from timm_dgate.evaluation.results import EvalReport, evaluation_table, exits_per_class_table
 from timm_dgate.fitting.gate_kinds import DEFAULT_GATE_KIND, GATE_KINDS, fit_kind
 from timm_dgate.fitting.training import DEFAULT_EPOCHS
-from timm_dgate.reports import equal_flops_table, evaluation_table, exits_per_class_table, html_report
+from timm_dgate.reports import equal_flops_table, html_report
 
 from ..fashion_mnist import CLASSES, TensorBatches, load_splits
 from .backbone import cached_backbone
@@ -68,7 +69,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     input_size = (1, cfg.input_size, cfg.input_size)
     loaders = {name: TensorBatches(getattr(splits, name), cfg.input_size) for name in ("train", "val", "test")}
-    gated = {kind: timm_dgate.wrap(backbone, input_size=input_size, gate_hidden=GATE_KINDS[kind].hidden)
+    gated = {kind: timm_dgate.wrap(backbone, input_size=input_size, gate_head=GATE_KINDS[kind].head,
+                                   gate_head_options=GATE_KINDS[kind].head_options)
              for kind in DEMO_KINDS}
     first = gated["hinge"]
     print(f"Gates after {', '.join(b.name for b in first.boundaries)}; cost of reaching each (GFLOPs): "

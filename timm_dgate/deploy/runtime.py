@@ -147,6 +147,7 @@ class ExportedGatedModel(ExitPolicyOwner):
     """
 
     format: str | None = None
+    noun = "export"
 
     def __init__(
         self, folder: str | os.PathLike, *, providers: Sequence[str] | None = None, profile: str | None = None
@@ -180,7 +181,7 @@ class ExportedGatedModel(ExitPolicyOwner):
 
     @torch.inference_mode()
     def __call__(
-        self, x: torch.Tensor, return_exits: bool = False, *, profile: str | ExitPolicy | None = None
+        self, x: torch.Tensor, return_exits: bool = False, profile: str | ExitPolicy | None = None
     ) -> torch.Tensor | ExitResult:
         """Logits with early exits, as ``GatedModel.forward``; ``profile``: a name or policy for this call alone."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size:

@@ -1,29 +1,31 @@
 """Gate kinds: named ways to build and train the gates, from the paper's hinge gates to what measures better.
 
-A kind is data (``GateKind``): the loss, how much of the target is the backbone's own
-prediction (distillation), the width of a hidden layer, and how many survivor-weighted refits
-follow the first fit. :func:`fit_kind` runs it on feature caches, so every kind shares the
-one caching pass, the one threshold search and the Hub format; the recipe's ``--gate-kind``
-names one of :data:`GATE_KINDS`.
+A kind is data (``GateKind``): a registered gate head (``timm_dgate.core.gates``) with its
+options, the loss, how much of the target is the backbone's own prediction (distillation), and
+how many survivor-weighted refits follow the first fit. :func:`fit_kind` runs it on feature
+caches, so every kind shares the one caching pass, the one threshold search and the Hub format;
+the recipe's ``--gate-kind`` names one of :data:`GATE_KINDS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..calibration.calibrate import calibrate
 from ..core.cache import FeatureCache
+from ..core.contract import GatedBackbone
+from ..core.gates import describe_head, gate_head
 from ..core.losses import check_gate_loss
-from .training import DEFAULT_EPOCHS, FitReport, default_lr, fit, survivor_weights
-
-if TYPE_CHECKING:
-    from ..models.gated import GatedModel
+from .training import DEFAULT_EPOCHS, FitReport, fit, survivor_weights
 
 
 @dataclass(frozen=True)
 class GateKind:
-    """How gates are built (``hidden``: 0 for linear) and trained (``loss``, ``distill``, survivor refits).
+    """How gates are built (a registered ``head`` and its ``head_options``) and trained (``loss``, ``distill``,
+    survivor refits).
 
     ``survivor_rounds`` refits follow the first fit: each calibrates on validation at
     ``survivor_drop`` and refits every gate with :func:`~timm_dgate.fitting.training.survivor_weights`
@@ -32,7 +34,8 @@ class GateKind:
 
     loss: str = "ce"
     distill: float = 0.0
-    hidden: int = 0
+    head: str = "linear"
+    head_options: Mapping[str, Any] = field(default_factory=dict)
     survivor_rounds: int = 0
     survivor_floor: float = 0.1
     survivor_drop: float = 0.005
@@ -41,12 +44,14 @@ class GateKind:
         check_gate_loss(self.loss)
         if self.distill and self.loss != "ce":
             raise ValueError("distillation needs loss='ce'")
-        if self.hidden < 0 or self.survivor_rounds < 0:
-            raise ValueError("hidden and survivor_rounds must be non-negative")
+        gate_head(self.head).check(self.head_options)
+        if self.survivor_rounds < 0:
+            raise ValueError("survivor_rounds must be non-negative")
 
     @property
     def lr(self) -> float:
-        return default_lr(bool(self.hidden))
+        """The Adam rate the kind's head was registered with."""
+        return gate_head(self.head).default_lr
 
 
 GATE_KINDS: dict[str, GateKind] = {
@@ -54,7 +59,7 @@ GATE_KINDS: dict[str, GateKind] = {
     "ce": GateKind(),  # Shallow-Deep Networks' cross-entropy gates
     "distill": GateKind(distill=1.0),
     "distill-labels": GateKind(distill=0.5),
-    "mlp": GateKind(hidden=128),
+    "mlp": GateKind(head="mlp", head_options={"hidden": 128}),
     "survivors": GateKind(survivor_rounds=2),
 }
 # what measured best on the converged resnet18 (docs/benchmarks.md): MLP gates saved 7.8 / 8.0 points more FLOPs
@@ -70,7 +75,7 @@ def gate_kind(name: str) -> GateKind:
 
 
 def fit_kind(
-    model: GatedModel,
+    model: GatedBackbone,
     train: FeatureCache,
     kind: GateKind,
     val: FeatureCache | None = None,
@@ -80,14 +85,17 @@ def fit_kind(
 ) -> FitReport:
     """Fit ``model``'s gates as ``kind`` says, on a training cache (``val`` too for survivor refits).
 
-    The model must have been wrapped with ``gate_hidden=kind.hidden``. The thresholds a survivor
+    The model must have been wrapped with the kind's head (``gate_head=kind.head,
+    gate_head_options=kind.head_options``). The thresholds a survivor
     round calibrates only pick the weights: they are dropped before the refit makes them stale,
     and the gates end closed, ready for :func:`~timm_dgate.calibrate`.
     """
-    if model.config.gate_hidden != kind.hidden:
+    config = model.config
+    if (config.gate_head, config.gate_head_options) != (kind.head, kind.head_options):
         raise ValueError(
-            f"this kind's gates have {kind.hidden} hidden units, the model's {model.config.gate_hidden}: "
-            f"wrap(..., gate_hidden={kind.hidden})"
+            f"this kind's gates have {describe_head(kind.head, kind.head_options)} heads, the model's "
+            f"{describe_head(config.gate_head, config.gate_head_options)}: "
+            f"wrap(..., gate_head={kind.head!r}, gate_head_options={dict(kind.head_options)})"
         )
     if kind.survivor_rounds and val is None:
         raise ValueError("survivor refits choose thresholds on validation data: pass val=<validation cache>")
@@ -97,6 +105,6 @@ def fit_kind(
         profile = calibrate(model, val, max_drop=kind.survivor_drop, name="survivor weighting", activate=True)
         weights = survivor_weights(model, train, floor=kind.survivor_floor)
         del model.profiles[profile.name]
-        model.close_gates()
+        model.set_thresholds([math.inf] * model.num_gates)  # closed, as the GatedBackbone contract spells it
         report = fit(model, train, sample_weights=weights, **options)
     return report

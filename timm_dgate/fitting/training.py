@@ -5,42 +5,31 @@ then the gates train on that cache with mini-batch Adam. A batch is a global set
 (``timm_dgate.fitting.minibatches``: chosen by fingerprint, not by shard), each process steps on its
 share and the gradients are summed, so every rank takes identical steps and a run on N
 processes matches a one-process run up to float summation order. The streaming path
-(``stream=True``) runs the backbone every step instead, for augmented data.
-
-Gates train on standardised features and the standardisation is folded back into each
-gate's linear layer afterwards, so a trained gate is still exactly ``d = W^T x - b``.
+(``stream=True``) runs the backbone every step instead, for augmented data. How the gates
+step on a batch (standardised features, folded back afterwards) is ``timm_dgate.fitting.trainer``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..core.cache import DEFAULT_MAX_MEMORY, FeatureCache, cache_features, check_labels
-from ..core.losses import check_gate_loss, gate_loss
+from ..core.contract import GatedBackbone
+from ..core.gates import gate_head
+from ..core.losses import check_gate_loss
 from ..core.provenance import image_fingerprints
 from ..core.scores import exit_score
 from ..progress import progress_bar
 from .distributed import Reducer
 from .minibatches import epoch_batches
-
-if TYPE_CHECKING:
-    from ..models.gated import GatedModel
-
+from .trainer import GateTrainer, feature_stats
 
 DEFAULT_EPOCHS = 20  # passes over the training cache
 DEFAULT_BATCH_SIZE = 1024  # images per Adam step on a cache
-LINEAR_LR, MLP_LR = 0.03, 0.01  # Adam on standardised features: a convex linear gate takes larger steps than an MLP
-
-
-def default_lr(hidden: bool) -> float:
-    """The Adam learning rate gates train well at: large for linear gates, small for gates with a hidden layer."""
-    return MLP_LR if hidden else LINEAR_LR
 
 
 @dataclass
@@ -55,120 +44,8 @@ class FitReport:
     final_loss: list[float] = field(default_factory=list)
 
 
-Batch = tuple[list[torch.Tensor], torch.Tensor, "list[torch.Tensor] | None"]  # features, targets, per-gate weights
-
-
-class _GateTrainer:
-    """Working copies of the gates' layers on standardised features, stepped by globally summed gradients."""
-
-    def __init__(
-        self,
-        gates: nn.ModuleList,
-        mean: list[torch.Tensor],
-        std: list[torch.Tensor],
-        loss: str,
-        lr: float,
-        reg: float,
-        reducer: Reducer,
-        device: torch.device,
-    ):
-        self.heads = nn.ModuleList(copy.deepcopy(gate.layers()).float() for gate in gates).to(device)
-        for head in self.heads:
-            for layer in head:
-                if not isinstance(layer, nn.Linear):
-                    continue
-                if len(head) == 1:  # a linear gate: convex, so a zero start needs no seed
-                    nn.init.zeros_(layer.weight)
-                    nn.init.zeros_(layer.bias)
-                else:  # an MLP gate: a fresh start from fit's seed, the same on every process
-                    layer.reset_parameters()
-        self.mean, self.std = mean, std
-        self.loss_fn = gate_loss(loss)
-        self.reg = reg
-        self.reducer = reducer
-        self.optimizer = torch.optim.Adam(self.heads.parameters(), lr=lr)
-
-    def margins(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``head((x - mean) / std)``, with the scale applied to the first layer's ``W`` rather than to every sample.
-
-        Centring stays on the features: folding the mean into the bias too would make the
-        weight gradient a difference of large sums, and N processes would drift apart.
-        """
-        out = []
-        for k, (head, f) in enumerate(zip(self.heads, features)):
-            first, *rest = head
-            z = nn.functional.linear(f.float() - self.mean[k], first.weight / self.std[k], first.bias)
-            for layer in rest:
-                z = layer(z)
-            out.append(z)
-        return out
-
-    def step(self, batch: Batch, totals: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on each gate's (weighted) mean loss over a global batch.
-
-        ``batch`` is this process's share; ``totals`` ``(K,)`` the batch's global weight per
-        gate. Returns this process's summed loss per gate (not yet reduced across processes).
-        """
-        self.optimizer.zero_grad(set_to_none=False)
-        device = self.heads[0][0].weight.device
-        features, targets, weights = batch
-        targets = targets.to(device)
-        per_gate = []
-        for k, margins in enumerate(self.margins([f.to(device) for f in features])):
-            per_sample = self.loss_fn(margins, targets, reduction="none")
-            per_gate.append((per_sample if weights is None else per_sample * weights[k].to(device)).sum())
-        per_gate = torch.stack(per_gate)
-        (per_gate / totals.clamp_min(1e-12)).sum().backward()  # a gate weighing no sample here gets no gradient
-        for param in self.heads.parameters():
-            param.grad = self.reducer.sum(param.grad)
-        for head in self.heads:
-            for layer in head:
-                if isinstance(layer, nn.Linear):
-                    layer.weight.grad += 2 * self.reg * layer.weight.detach()
-        self.optimizer.step()
-        return per_gate.detach()
-
-    def penalty(self) -> list[float]:
-        """Each gate's L2 term ``reg * ||W||^2`` over its linear layers."""
-        linear = [[layer for layer in head if isinstance(layer, nn.Linear)] for head in self.heads]
-        return [self.reg * sum(layer.weight.detach().square().sum().item() for layer in layers) for layers in linear]
-
-    @torch.no_grad()
-    def fold_into(self, gates: nn.ModuleList) -> None:
-        """Write the trained layers into the model's gates, the standardisation folded into the first layer."""
-        for gate, head, mean, std in zip(gates, self.heads, self.mean, self.std):
-            state = head.state_dict()
-            weight = head[0].weight / std
-            state["0.weight"] = weight
-            state["0.bias"] = head[0].bias - weight @ mean
-            gate.layers().load_state_dict(state)
-
-
-def _feature_stats(
-    batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]], reducer: Reducer, device: torch.device
-) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Global per-feature mean and std of each gate's input, and the global sample count."""
-    sums = sq = None
-    count = torch.zeros((), device=device, dtype=torch.float64)
-    for features, *_ in batches:
-        feats = [f.to(device, torch.float64) for f in features]
-        if sums is None:
-            sums = [torch.zeros(f.shape[1], device=device, dtype=torch.float64) for f in feats]
-            sq = [torch.zeros_like(s) for s in sums]
-        for k, f in enumerate(feats):
-            sums[k] += f.sum(0)
-            sq[k] += f.square().sum(0)
-        count += len(feats[0])
-    if sums is None:
-        raise ValueError("no training data: the loader or cache is empty")
-    count = reducer.sum(count)
-    means = [reducer.sum(s) / count for s in sums]
-    stds = [(reducer.sum(q) / count - m.square()).clamp_min(0).sqrt().clamp_min(1e-6) for q, m in zip(sq, means)]
-    return [m.float() for m in means], [s.float() for s in stds], int(count.item())
-
-
 def fit(
-    model: GatedModel,
+    model: GatedBackbone,
     data: Iterable | FeatureCache,
     *,
     loss: str = "hinge",
@@ -195,9 +72,9 @@ def fit(
         epochs: passes over the data.
         batch_size: images per Adam step on a cache, across all processes (``None``: the whole
             cache, one full-batch step per epoch). A streamed fit steps once per loader batch.
-        lr, reg: Adam learning rate (cosine-decayed; default :func:`default_lr` for the
-            model's gates, so MLP gates from ``wrap(..., gate_hidden=N)`` do not diverge at the
-            linear gates' rate) and the L2 weight ``lambda ||W||^2``.
+        lr, reg: Adam learning rate (cosine-decayed; default: the ``default_lr`` the model's gate
+            head was registered with, so MLP gates do not diverge at the linear gates' rate) and
+            the L2 weight ``lambda ||W||^2``.
         stream: run the backbone every step (minibatch steps) instead of caching features;
             use it with augmented loaders. Feature statistics come from ``stats_batches`` batches.
         accelerator: an ``accelerate.Accelerator``; gradients are summed across its processes.
@@ -239,10 +116,10 @@ def fit(
                 model, data, max_memory_bytes=max_memory_bytes, spill_dir=spill_dir, progress=progress
             )
         stats_source = data.chunks()
-    mean, std, total = _feature_stats(stats_source, reducer, device)
+    mean, std, total = feature_stats(stats_source, reducer, device)
     if lr is None:
-        lr = default_lr(any(len(gate.layers()) > 1 for gate in model.gates))
-    trainer = _GateTrainer(model.gates, mean, std, loss, lr, reg, reducer, device)
+        lr = gate_head(model.config.gate_head).default_lr
+    trainer = GateTrainer(model.gates, mean, std, loss, lr, reg, reducer, device)
     title = f"fitting {model.num_gates} {loss} gates"
     if stream:
         last, fingerprints = _fit_streamed(trainer, model, data, distill, epochs, title, progress)
@@ -258,7 +135,7 @@ def fit(
 
 
 def _fit_cached(
-    trainer: _GateTrainer,
+    trainer: GateTrainer,
     cache: FeatureCache,
     distill: float,
     sample_weights: Sequence[torch.Tensor] | None,
@@ -272,7 +149,7 @@ def _fit_cached(
     Rows join batches by their images' fingerprints (row numbers when a hand-made cache has
     none: then only a one-process fit is reproducible across process counts).
     """
-    device = trainer.heads[0][0].weight.device
+    device = trainer.device
     reducer = trainer.reducer
     keys = cache.fingerprints if cache.fingerprints is not None else torch.arange(len(cache))
     targets = _targets(cache.labels, cache.logits, distill)
@@ -298,13 +175,19 @@ def _fit_cached(
 
 
 def _fit_streamed(
-    trainer: _GateTrainer, model: GatedModel, loader: Iterable, distill: float, epochs: int, title: str, progress: bool
+    trainer: GateTrainer,
+    model: GatedBackbone,
+    loader: Iterable,
+    distill: float,
+    epochs: int,
+    title: str,
+    progress: bool,
 ) -> tuple[list[float], torch.Tensor | None]:
     """Adam steps on pooled features computed batch by batch (cosine-decayed per epoch).
 
     Returns the last batch's loss per gate and the fingerprints of the first epoch's images.
     """
-    device = trainer.heads[0][0].weight.device
+    device = trainer.device
     reducer = trainer.reducer
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=epochs)
     last: list[float] = []
@@ -323,7 +206,7 @@ def _fit_streamed(
 
 
 def _pooled_batches(
-    model: GatedModel, loader: Iterable, limit: int | None = None, seen: list[torch.Tensor] | None = None
+    model: GatedBackbone, loader: Iterable, limit: int | None = None, seen: list[torch.Tensor] | None = None
 ):
     """Pooled features and labels per batch; the images' fingerprints are appended to ``seen`` if given."""
     device = next(model.parameters()).device
@@ -348,7 +231,7 @@ def _targets(labels: torch.Tensor, logits: torch.Tensor, distill: float) -> torc
 
 
 @torch.no_grad()
-def survivor_weights(model: GatedModel, cache: FeatureCache, floor: float = 0.1) -> list[torch.Tensor]:
+def survivor_weights(model: GatedBackbone, cache: FeatureCache, floor: float = 0.1) -> list[torch.Tensor]:
     """Per gate, weight 1 on the cached samples that reach it under the model's thresholds, ``floor`` elsewhere.
 
     A gate only ever sees the samples its earlier gates kept: after a first ``fit`` and
@@ -366,7 +249,7 @@ def survivor_weights(model: GatedModel, cache: FeatureCache, floor: float = 0.1)
     return weights
 
 
-def _train_accuracy(model: GatedModel, cache: FeatureCache, reducer: Reducer, device: torch.device) -> list[float]:
+def _train_accuracy(model: GatedBackbone, cache: FeatureCache, reducer: Reducer, device: torch.device) -> list[float]:
     """Each gate's accuracy on the whole training set: correct counts summed over every process's shard."""
     correct = [(m.argmax(1) == cache.labels).sum() for m in cache.margins(model.gates)]
     counts = torch.tensor([*correct, len(cache)], dtype=torch.float64, device=device)

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..compat import hf_split
 from ..core.config import CONFIG_NAME, FORMAT, DGateConfig, read_json
+from ..core.gates import describe_head
 from ..core.profiles import Profile
 from ..reports import data_config_summary, profiles_table
 from ..version import __version__
@@ -20,7 +21,7 @@ LOSS_NAMES = {"hinge": "hinge-loss (one-vs-all SVM)", "ce": "cross-entropy"}
 
 
 def save_card(folder: Path, text: str, kind_tag: str, base_model: str | None = None) -> None:
-    """``README.md`` with the Hub metadata every timm_dgate card carries; ``kind_tag`` tells gated models from cascades."""
+    """``README.md`` with the Hub metadata every timm_dgate card carries; ``kind_tag`` marks gates or cascade."""
     data = ModelCardData(
         library_name=FORMAT,
         tags=["timm", "image-classification", "early-exit", kind_tag],
@@ -67,7 +68,7 @@ def _card_intro(config: DGateConfig, backbone_gflops: float | None) -> str:
     )
     cost = "" if backbone_gflops is None else f" The plain backbone costs {backbone_gflops:.3f} GFLOPs per image."
     loss = LOSS_NAMES.get(config.gate_loss, config.gate_loss)
-    kind = "linear" if config.gate_hidden == 0 else f"one-hidden-layer ({config.gate_hidden} units)"
+    kind = describe_head(config.gate_head, config.gate_head_options)
     if config.gate_distill:
         loss += f", distilled from the backbone's predictions (weight {config.gate_distill:g})"
     return (

@@ -10,21 +10,20 @@ profile against the members' configs before any backbone is built. Format in doc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
-
-from ..core.config import CONFIG_NAME, FORMAT, DGateConfig, read_json
-from ..core.profiles import Profile, decode_thresholds
+from ..core.config import CONFIG_NAME, DGateConfig, check_format, read_json, write_json
+from ..core.profiles import Profile
 from ..core.scores import EXIT_SCORES
 from ..errors import HubFormatError
 from ..reports import profiles_table
 from ..version import __version__
-from .folder import CARD_NAME, LOADED_FILES, PROFILES_NAME
+from .card import save_card
+from .folder import read_profiles, read_saved_state, write_profiles
+from .names import LOADED_FILES, PROFILES_NAME
 
 CASCADE_CONFIG_NAME = "cascade_config.json"
 CASCADE_FORMAT = "timm_dgate_cascade"
@@ -79,8 +78,8 @@ def write_manifest(
         "exit_score": exit_score,
         **state,
     }
-    _write_json(folder / CASCADE_CONFIG_NAME, manifest)
-    _write_json(folder / PROFILES_NAME, {"profiles": [p.to_dict() for p in profiles]})
+    write_json(folder / CASCADE_CONFIG_NAME, manifest)
+    write_profiles(folder, profiles)
     _write_card(folder, configs, profiles, card_repo_id)
     return folder
 
@@ -93,16 +92,7 @@ def read_manifest(folder: Path) -> Manifest:
     """The manifest, the members' configs and the profiles, or a :class:`HubFormatError` naming file and field."""
     path = folder / CASCADE_CONFIG_NAME
     raw = read_json(path, "the cascade's manifest")
-    if not isinstance(raw, dict) or raw.get("format") != CASCADE_FORMAT:
-        raise HubFormatError(f"{path} is not a timm_dgate cascade manifest")
-    version = raw.get("format_version")
-    if not isinstance(version, int):
-        raise HubFormatError(f"{path} has no integer format_version")
-    if version > CASCADE_FORMAT_VERSION:
-        raise HubFormatError(
-            f"{path} has format version {version}, newer than this timm_dgate ({__version__}) reads "
-            f"(up to {CASCADE_FORMAT_VERSION}); upgrade timm_dgate"
-        )
+    check_format(raw, str(path), CASCADE_FORMAT, CASCADE_FORMAT_VERSION, "a timm_dgate cascade manifest")
     entries = raw.get("members")
     if (
         not isinstance(entries, list)
@@ -124,30 +114,10 @@ def read_manifest(folder: Path) -> Manifest:
     score = raw.get("exit_score")
     if score not in EXIT_SCORES:
         raise HubFormatError(f"{path}: exit_score must be one of {EXIT_SCORES}, got {score!r}")
-    try:
-        thresholds = decode_thresholds(raw.get("thresholds") or ["inf"] * exits, exits)
-    except ValueError as error:
-        raise HubFormatError(f"{path}: thresholds: {error}") from error
-    profiles = _read_profiles(folder / PROFILES_NAME, exits)
-    active = raw.get("active_profile")
-    if active is not None and active not in {p.name for p in profiles}:
-        raise HubFormatError(f"{path}: active_profile {active!r} is not in {PROFILES_NAME}")
+    hint = " (a cascade profile has one threshold per exit)"
+    profiles = read_profiles(folder / PROFILES_NAME, exits, "the cascade's threshold profiles", hint)
+    thresholds, active = read_saved_state(raw, path, profiles, exits)
     return Manifest(names, configs, score, profiles, thresholds, active)
-
-
-def _read_profiles(path: Path, exits: int) -> list[Profile]:
-    data = read_json(path, "the cascade's threshold profiles")
-    if not isinstance(data, dict) or not isinstance(data.get("profiles"), list):
-        raise HubFormatError(f'{path} is not a list of profiles (expected {{"profiles": [...]}})')
-    profiles = []
-    for i, entry in enumerate(data["profiles"]):
-        try:
-            profiles.append(Profile.from_dict(entry, exits))
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise HubFormatError(
-                f"{path}: profile #{i}: {error} (a cascade profile has one threshold per exit)"
-            ) from error
-    return profiles
 
 
 def _write_card(folder: Path, configs: Sequence[DGateConfig], profiles: Sequence[Profile], repo: str | None) -> None:
@@ -171,13 +141,4 @@ def _write_card(folder: Path, configs: Sequence[DGateConfig], profiles: Sequence
         f"thresholds), `{PROFILES_NAME}` (one threshold per exit, in run order), and\n\n{members}\n\n"
         f"Format version {CASCADE_FORMAT_VERSION}, written by timm_dgate {__version__}.\n"
     )
-    data = ModelCardData(
-        library_name=FORMAT,
-        tags=["timm", "image-classification", "early-exit", "cascade"],
-        pipeline_tag="image-classification",
-    )
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(folder / CARD_NAME)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    save_card(folder, text, "cascade")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub import cascade_folder as cascade_hub
-from ..hub import folder as hub
+from ..hub.remote import snapshot
 from .cascade import Cascade
 from .gated import GatedModel
 
@@ -35,7 +35,7 @@ def from_pretrained(
                 raise ValueError(f"revision={revision!r} applies to Hub repos, not to the local folder {path}")
             return Cascade.from_pretrained(path, profile=profile, **options)
     elif not (path.exists() or str(name_or_path).startswith((".", "/", "~"))):
-        folder = hub.snapshot(str(name_or_path), cascade_hub.HUB_PATTERNS, revision, **options)
+        folder = snapshot(str(name_or_path), cascade_hub.HUB_PATTERNS, revision, **options)
         if cascade_hub.is_cascade(folder):
             return Cascade.from_pretrained(folder, profile=profile, **options)
     return GatedModel.from_pretrained(name_or_path, revision=revision, profile=profile, **options, **gated_options)

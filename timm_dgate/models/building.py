@@ -7,8 +7,9 @@ listing boundaries (``stages``) share one path without importing ``GatedModel``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
@@ -18,6 +19,7 @@ from ..boundaries.probe import default_input_size, probe_boundaries
 from ..core.boundary import Boundary, model_name
 from ..core.config import DGateConfig
 from ..core.costs import costs_to
+from ..core.gates import head_for_hidden
 from ..errors import UnsupportedModelError, UntrainedHeadWarning
 
 
@@ -41,6 +43,8 @@ def gated_config(
     exit_score: str = "margin",
     model_args: dict | None = None,
     base_model: str | None = None,
+    gate_head: str = "linear",
+    gate_head_options: Mapping[str, Any] | None = None,
     gate_hidden: int = 0,
 ) -> DGateConfig:
     """The config of gates at the probed boundaries ``gates`` names: what :func:`timm_dgate.wrap` attaches.
@@ -53,6 +57,10 @@ def gated_config(
     if reason is not None:
         warnings.warn(f"timm_dgate.wrap({model_name(model)}): {reason}", UntrainedHeadWarning, stacklevel=3)
     input_size = tuple(input_size or default_input_size(model))
+    if gate_hidden:  # the bare width wrap took before heads were named: an mlp head
+        if gate_head != "linear" or gate_head_options:
+            raise ValueError(f"give gate_hidden={gate_hidden} (an mlp head) or gate_head={gate_head!r}, not both")
+        gate_head, gate_head_options = head_for_hidden(gate_hidden)
     config = DGateConfig(
         architecture=model_name(model),
         num_classes=num_classes,
@@ -63,7 +71,8 @@ def gated_config(
         base_model=base_model,
         include_backbone=base_model is None,
         model_args=dict(model_args or {}),
-        gate_hidden=gate_hidden,
+        gate_head=gate_head,
+        gate_head_options=dict(gate_head_options or {}),
     )
     return config
 

@@ -49,6 +49,7 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
     """
 
     default_commit_message = "Upload cascade with timm_dgate"
+    noun = "cascade"
 
     def __init__(self, members: Sequence[GatedModel], exit_score: str = DEFAULT_HEAD_SCORE):
         super().__init__()
@@ -114,7 +115,7 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         return self.members[-1].plain_forward(resize(x, self.members[-1].input_size))
 
     def forward(
-        self, x: torch.Tensor, return_exits: bool = False, *, profile: str | ExitPolicy | None = None
+        self, x: torch.Tensor, return_exits: bool = False, profile: str | ExitPolicy | None = None
     ) -> torch.Tensor | ExitResult:
         """Logits with early exits; with ``return_exits`` also each sample's exit (``num_gates`` = last head).
 

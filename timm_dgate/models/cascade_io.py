@@ -8,7 +8,7 @@ from typing import Any
 
 from ..core.profiles import check_profile_name
 from ..hub import cascade_folder as cascade_hub
-from ..hub import folder as hub
+from ..hub.folder import saved_state
 from .gated import GatedModel
 
 
@@ -31,7 +31,7 @@ class CascadeHubMixin:
             [m.config for m in self.members],
             policy.exit_score,
             list(self.profiles.values()),
-            hub.saved_state(policy.thresholds, policy.profile),
+            saved_state(policy.thresholds, policy.profile),
             card_repo_id,
         )
 

@@ -8,7 +8,7 @@ of it through the folder format of docs/hub.md (``models.gated_io``; the files i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -62,7 +62,7 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         self.gates = nn.ModuleList(
             DecisionGate(
                 b.num_chs, config.num_classes, b.layout, config.pool if b.layout == "NLC" else "avg", prefix,
-                hidden=config.gate_hidden,
+                config.gate_head, config.gate_head_options,
             )
             for b in config.boundaries
         )
@@ -204,12 +204,13 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
     # ---- running ----------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, return_exits: bool = False, *, profile: str | ExitPolicy | None = None
+        self, x: torch.Tensor, return_exits: bool = False, profile: str | ExitPolicy | None = None
     ) -> torch.Tensor | ExitResult:
         """Logits with early exits; with ``return_exits`` also each sample's exit (``num_gates`` = head).
 
         ``profile``: a stored profile's name or an :class:`~timm_dgate.core.policy.ExitPolicy` for this
         call alone (a server picks one per request); default: the policy in force, read once here.
+        (Not keyword-only: ``torch.onnx.export`` passes every argument by position.)
         In train mode no sample exits: the output is the backbone's (gate outputs stay available
         through :meth:`forward_gates`).
         """
@@ -344,6 +345,8 @@ def wrap(
     exit_score: str = "margin",
     model_args: dict | None = None,
     base_model: str | None = None,
+    gate_head: str = "linear",
+    gate_head_options: Mapping[str, Any] | None = None,
     gate_hidden: int = 0,
 ) -> GatedModel:
     """Attach decision gates to a timm classifier.
@@ -361,8 +364,10 @@ def wrap(
             record itself (it records those passed to ``create_model``); saved by ``save_pretrained``.
         base_model: the timm Hub id the backbone's weights come from; ``save_pretrained`` then
             writes a gates-only folder that names it.
-        gate_hidden: width of a hidden layer in each gate (0: the paper's linear gates); its
-            FLOPs are counted with the gate's.
+        gate_head, gate_head_options: each gate's head and what builds it: ``linear`` (the
+            paper's), ``mlp`` with ``{"hidden": N}``, or one added by :func:`timm_dgate.register_gate_head`;
+            its FLOPs are counted with the gate's.
+        gate_hidden: shorthand for ``gate_head="mlp", gate_head_options={"hidden": gate_hidden}`` (0: linear).
 
     Every chosen boundary is verified with a dummy batch; one that cannot work as an exit
     raises :class:`~timm_dgate.UnsupportedModelError` naming the model, boundary and reason.
@@ -373,6 +378,6 @@ def wrap(
         raise UnsupportedModelError(model_name(model.base_model), "it is already gated (a GatedModel)")
     config = gated_config(
         model, gates, input_size=input_size, pool=pool, exit_score=exit_score, model_args=model_args,
-        base_model=base_model, gate_hidden=gate_hidden,
+        base_model=base_model, gate_head=gate_head, gate_head_options=gate_head_options, gate_hidden=gate_hidden,
     )
     return GatedModel(model, config)

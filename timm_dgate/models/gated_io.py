@@ -15,7 +15,9 @@ from torch import nn
 from ..core.policy import ExitPolicy
 from ..core.profiles import check_profile_name
 from ..errors import HubFormatError
-from ..hub import folder as hub
+from ..hub.backbone import backbone_args, check_backbone, check_boundaries, load_backbone
+from ..hub.folder import read_folder, saved_state, write_folder
+from ..hub.remote import resolve_folder
 from .building import gated_config
 
 
@@ -48,19 +50,19 @@ class GatedHubMixin:
                 base_model=base_model,
                 include_backbone=include_backbone,
                 exit_score=policy.exit_score,
-                model_args=hub.backbone_args(self.base_model, self.config.model_args),
+                model_args=backbone_args(self.base_model, self.config.model_args),
             )
         except HubFormatError:
             raise
         except ValueError as error:
             raise HubFormatError(str(error)) from error
         tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in self.gates.state_dict().items()}
-        return hub.write_folder(
+        return write_folder(
             Path(save_directory),
             config,
             tensors,
             list(self.profiles.values()),
-            hub.saved_state(policy.thresholds, policy.profile),
+            saved_state(policy.thresholds, policy.profile),
             backbone=self.base_model if config.include_backbone else None,
             backbone_gflops=None if self._costs is None else self._costs.backbone / 1e9,  # saving runs no FLOP count
             tradeoff_plot=tradeoff_plot,
@@ -96,24 +98,25 @@ class GatedHubMixin:
         left unhooked when loading fails.
         """
         options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        folder = hub.resolve_folder(name_or_path, need_backbone=model is None, **options)
-        saved = hub.read_folder(folder)
+        folder = resolve_folder(name_or_path, need_backbone=model is None, **options)
+        saved = read_folder(folder)
         if profile is not None:
             check_profile_name(profile, [p.name for p in saved.profiles], str(folder))
         if model is None:
-            model = hub.load_backbone(saved.config, folder, **options)
-        hub.check_backbone(model, saved.config, folder)
+            model = load_backbone(saved.config, folder, **options)
+        check_backbone(model, saved.config, folder)
         try:
             saved_gates = [b.module for b in saved.config.boundaries]
             config = gated_config(
                 model, saved_gates, input_size=saved.config.input_size, pool=saved.config.pool,
-                model_args=saved.config.model_args, gate_hidden=saved.config.gate_hidden,
+                model_args=saved.config.model_args, gate_head=saved.config.gate_head,
+                gate_head_options=saved.config.gate_head_options,
             )
             gated = cls(model, config)
         except ValueError as error:  # UnsupportedModelError or an unknown boundary
             raise HubFormatError(f"the gates in {folder} cannot be attached to this model: {error}") from error
         try:
-            hub.check_boundaries(gated.config, saved.config, folder)
+            check_boundaries(gated.config, saved.config, folder)
             gated.config = saved.config
             device = next(model.parameters()).device
             gated.gates.to(device)

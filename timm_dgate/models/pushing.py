@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..hub import folder as hub
+from ..hub.remote import push_folder
 
 
 class PushToHubMixin:
@@ -29,7 +29,7 @@ class PushToHubMixin:
         branch ``revision`` too. ``token`` defaults to huggingface_hub's usual sources
         (``HF_TOKEN``, ``hf auth login``). Returns huggingface_hub's ``CommitInfo``.
         """
-        return hub.push_folder(
+        return push_folder(
             lambda folder, repo: self.save_pretrained(folder, card_repo_id=repo, **save_kwargs),  # type: ignore[attr-defined]
             repo_id,
             private=private,

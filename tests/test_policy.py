@@ -1,0 +1,157 @@
+"""One exit policy per call: thresholds, exit score and profile name are one value, read once, never torn.
+
+A server switches profiles while other threads run, and picks a profile per request. These tests
+switch the model's profile from inside a running forward (the worst moment) and check that the
+call still runs the policy it started with, that ``model(x, profile=...)`` runs that profile for
+that call alone, and that a cascade never reads or changes its members' own policies.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_dgate
+from timm_dgate import ExitPolicy, Profile
+
+from .helpers import SIZE
+
+BATCH = 32
+
+
+def gated_with_two_profiles() -> tuple[timm_dgate.GatedModel, torch.Tensor]:
+    """``first`` lets a third out at gate 0 only (margin); ``all`` opens every gate on the softmax score."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    gated = timm_dgate.wrap(backbone, input_size=(1, SIZE, SIZE))
+    for gate in gated.gates:
+        nn.init.normal_(gate.fc.weight)
+    x = torch.randn(BATCH, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        margins, _ = gated.forward_gates(x)
+    first = (margins[0].amax(1).quantile(0.7).item(), math.inf, math.inf)
+    every = [m.float().softmax(1).amax(1).quantile(0.5).item() for m in margins]
+    gated.add_profile(Profile("first", first))
+    gated.add_profile(Profile("all", every, exit_score="softmax"))
+    return gated, x
+
+
+def switch_during_forward(module: nn.Module, owner, name: str) -> None:
+    """Switch ``owner`` to profile ``name`` when ``module`` runs: in the middle of a forward."""
+
+    def switch(*_: object) -> None:
+        owner.use_profile(name)
+
+    module.register_forward_hook(switch)
+
+
+@torch.no_grad()
+def test_a_profile_switch_inside_a_running_forward_does_not_reach_that_call():
+    gated, x = gated_with_two_profiles()
+    want = {name: copy.deepcopy(gated) for name in gated.profiles}
+    for name, model in want.items():
+        model.use_profile(name)
+    expected = {name: model(x, return_exits=True) for name, model in want.items()}
+    assert not torch.equal(expected["first"].exits, expected["all"].exits)  # the profiles differ on x
+
+    gated.use_profile("first")
+    switch_during_forward(gated.base_model.layer1, gated, "all")  # after gate 0's decision: gate 1 opens in "all"
+    got = gated(x, return_exits=True)
+    assert gated.active_profile == "all"  # the switch happened, mid-call
+    assert torch.equal(got.exits, expected["first"].exits) and torch.equal(got.logits, expected["first"].logits)
+    again = gated(x, return_exits=True)  # the next call runs the new policy
+    assert torch.equal(again.exits, expected["all"].exits)
+
+
+@torch.no_grad()
+def test_a_profile_per_call_runs_that_profile_and_leaves_the_model_as_it_was():
+    gated, x = gated_with_two_profiles()
+    gated.use_profile("first")
+    alone = copy.deepcopy(gated)
+    alone.use_profile("all")
+    want = alone(x, return_exits=True)
+    got = gated(x, return_exits=True, profile="all")
+    assert torch.equal(got.exits, want.exits) and torch.equal(got.logits, want.logits)
+    assert gated.active_profile == "first" and gated.policy == ExitPolicy.of_profile(gated.profiles["first"])
+    by_policy = gated(x, return_exits=True, profile=alone.policy)
+    assert torch.equal(by_policy.exits, want.exits)
+    with pytest.raises(KeyError, match=r"unknown profile 'fast'.*first, all"):
+        gated(x, profile="fast")
+    with pytest.raises(ValueError, match="1 thresholds; this model has 3"):
+        gated(x, profile=ExitPolicy((0.0,)))
+
+
+def test_the_policy_is_one_frozen_value_replaced_whole():
+    gated, _ = gated_with_two_profiles()
+    before = gated.policy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        before.thresholds = (0.0, 0.0, 0.0)  # type: ignore[misc]
+    gated.use_profile("all")
+    assert before == ExitPolicy.closed(3) and gated.policy is not before
+    assert (gated.thresholds, gated.exit_score, gated.active_profile) == (
+        gated.policy.thresholds, "softmax", "all",
+    )
+    gated.set_thresholds([1.0, math.inf, math.inf])  # by hand: no profile name, the score kept
+    assert gated.policy == ExitPolicy((1.0, math.inf, math.inf), "softmax", None)
+
+
+@torch.no_grad()
+def test_state_dict_restores_the_policy_that_ran_not_the_profile_reread():
+    gated, x = gated_with_two_profiles()
+    gated.use_profile("all")
+    gated.set_thresholds([t - 0.01 for t in gated.thresholds])  # tuned by hand after the profile
+    tuned = gated.policy
+    other, _ = gated_with_two_profiles()
+    other.load_state_dict(gated.state_dict())
+    assert other.policy == tuned and other.profiles == gated.profiles
+    assert torch.equal(other(x, return_exits=True).exits, gated(x, return_exits=True).exits)
+
+
+def cascade_pair() -> tuple[timm_dgate.GatedModel, timm_dgate.Cascade, torch.Tensor]:
+    torch.manual_seed(2)
+    small = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    gated, x = gated_with_two_profiles()
+    gated.use_profile("first")
+    return gated, timm_dgate.cascade([small, gated], input_sizes=[(1, 16, 16), None]), x
+
+
+@torch.no_grad()
+def test_a_cascade_never_reads_or_changes_its_members_policies():
+    gated, model, x = cascade_pair()
+    assert gated.active_profile == "first" and gated.policy == ExitPolicy.of_profile(gated.profiles["first"])
+    assert model.thresholds == (math.inf,) * model.num_gates  # the cascade starts closed on its own
+    plain = model(x, return_exits=True)
+    assert torch.equal(plain.exits, torch.full((BATCH,), model.num_gates))  # the member's "first" is not run
+    caches = model.cache_features([(x, torch.zeros(BATCH, dtype=torch.long))], "probe", progress=False)
+    scores = model.exit_table(caches).scores
+    model.set_thresholds([s.quantile(0.6).item() for s in scores])
+    assert gated.active_profile == "first" and gated.policy == ExitPolicy.of_profile(gated.profiles["first"])
+
+
+@torch.no_grad()
+def test_a_cascade_profile_switch_mid_call_does_not_reach_that_call_and_state_dict_keeps_it():
+    _gated, model, x = cascade_pair()
+    caches = model.cache_features([(x, torch.zeros(BATCH, dtype=torch.long))], "probe", progress=False)
+    scores = model.exit_table(caches).scores
+    model.add_profile(Profile("head", [scores[0].quantile(0.5).item()] + [math.inf] * 3, exit_score="softmax"))
+    model.add_profile(Profile("late", [math.inf] + [s.quantile(0.4).item() for s in scores[1:]], "softmax"))
+    alone = copy.deepcopy(model)
+    alone.use_profile("head")
+    want = alone(x, return_exits=True)
+    model.use_profile("head")
+    switch_during_forward(model.members[0].base_model, model, "late")
+    got = model(x, return_exits=True)
+    assert model.active_profile == "late"
+    assert torch.equal(got.exits, want.exits) and torch.equal(got.logits, want.logits)
+
+    other = copy.deepcopy(alone)
+    other.close_gates()
+    other.profiles.clear()
+    other.load_state_dict(model.state_dict())
+    assert other.policy == model.policy and other.profiles == model.profiles
