@@ -5,6 +5,8 @@ forward and reshape with it after each stage, so once samples exit at a gate tha
 Each adapter here is that model's forward (timm 1.0.31) with the one change that every reshape
 reads the batch from the tensor it reshapes; the modules called, and so the hooks, are the same.
 The exit engine runs the adapter in place of ``model(x)``; a plain call of the model never does.
+Should a timm release change one of these forwards, the probe refuses the boundaries at ``wrap``
+(survivors' logits differ from ``model(x)``) and tests/test_family_adapters.py fails.
 Registered with :func:`~timm_dgate.boundaries.discovery.register_family` on import.
 """
 
