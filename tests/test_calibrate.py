@@ -11,6 +11,7 @@ import torch
 import timm_dgate
 from timm_dgate.calibration.calibrate import chance_bound
 from timm_dgate.calibration.goals import Target
+from timm_dgate.calibration.learn_then_test import last_before_first_failure
 from timm_dgate.calibration.search import search_thresholds
 from timm_dgate.core.cache import cache_features
 from timm_dgate.core.costs import GateCosts
@@ -252,3 +253,13 @@ def test_a_plain_model_at_chance_is_refused_unless_allowed(fmnist):
 def test_the_chance_bound_is_twice_chance_and_reachable_with_two_classes():
     assert chance_bound(10) == 0.2 and chance_bound(1000) == 0.002
     assert chance_bound(2) == 0.75  # twice chance would refuse every binary model
+
+
+def test_learn_then_test_stops_at_the_first_candidate_that_fails():
+    """A cheaper candidate that passes after a failure must not be taken: the guarantee is for the sequence
+    stopped at its first failure (a statistical test cannot see this; a constructed sequence can)."""
+    costly, failing, cheapest = (0.9, math.inf), (0.5, math.inf), (0.1, 0.2)
+    passes = {costly: True, failing: False, cheapest: True}
+    assert last_before_first_failure([costly, failing, cheapest], passes.__getitem__) == costly
+    assert last_before_first_failure([failing, costly], passes.__getitem__) is None
+    assert last_before_first_failure([costly, cheapest], passes.__getitem__) == cheapest

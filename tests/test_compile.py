@@ -7,6 +7,7 @@ captures the same graphs as inductor would compile, without generating code.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 
@@ -39,6 +40,9 @@ def test_compiled_segments_match_eager_and_graphs_do_not_grow_with_sizes_or_exit
     compiled = copy.deepcopy(eager)
     segments = compiled.compile(backend="eager")
     assert segments[:2] == ["conv1", "bn1"] and "layer1.0" in segments and "layer1" not in segments  # hooks stay eager
+    for name in segments:  # every listed segment runs compiled: none is left eager behind the list
+        forward = compiled.base_model.get_submodule(name).forward
+        assert isinstance(forward, functools.partial) and hasattr(forward.func, "_torchdynamo_orig_callable"), name
 
     counters.clear()
     with torch.no_grad():

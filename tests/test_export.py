@@ -156,3 +156,16 @@ def test_the_runtime_runs_one_policy_per_call_even_when_switched_mid_call(export
     runtime.use_profile("first")
     per_call = runtime(images, return_exits=True, profile="mixed")
     assert torch.equal(per_call.exits, want["mixed"].exits) and runtime.active_profile == "first"
+
+
+def test_the_runtime_lets_a_score_equal_to_its_threshold_leave(exported):
+    """The runtime's tie-break is the engine's: the threshold is set to one sample's score on the runtime's own
+    margins, so the tie is exact whatever float error separates the export from eager."""
+    _gated, images, folders = exported
+    runtime = OnnxGatedModel(folders["onnx"])
+    _, margins = runtime.segments[0](images.to(runtime.dtype))
+    scores = margins.amax(1)
+    tie = int(scores.argsort()[len(scores) // 2])
+    runtime.set_thresholds([scores[tie].item(), math.inf, math.inf], exit_score="margin")
+    exits = runtime(images, return_exits=True).exits
+    assert exits[tie] == 0 and torch.equal(exits == 0, scores >= scores[tie])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import timm
@@ -176,3 +177,29 @@ def test_costs_count_a_forward_that_hands_an_expanded_parameter_to_a_module():
     assert features[0].shape == (1, 4, 8) and not features[0].requires_grad
     assert to_gate[0] == 2 * 4 * 4 * 8  # the embedding alone: 4 tokens x 4 -> 8
     assert total == to_gate[0] + 2 * 8 * 8  # plus the block on the class token
+
+
+def test_another_thread_calling_the_model_while_costs_are_counted_changes_nothing():
+    """A server thread's forward in the middle of the first ``costs`` read neither leaks into the count nor
+    sees the counting's eval mode; the count equals one taken alone."""
+    torch.manual_seed(0)
+    alone = timm_dgate.wrap(timm.create_model("test_resnet", in_chans=1, num_classes=10), input_size=(1, 32, 32))
+    want = alone.costs
+    served = timm_dgate.wrap(timm.create_model("test_resnet", in_chans=1, num_classes=10), input_size=(1, 32, 32))
+    served.train()  # a training thread's model: the count must not flip it to eval under that thread
+    modes: list[bool] = []
+
+    def serve() -> None:
+        modes.append(served.base_model.training)
+        served(torch.randn(8, 1, 32, 32))
+
+    def serve_once(module: torch.nn.Module, args: object, output: object) -> None:
+        if not modes:  # the first time layer1 runs: inside the counting pass
+            worker = threading.Thread(target=serve)
+            worker.start()
+            worker.join()
+
+    served.base_model.layer1.register_forward_hook(serve_once)
+    got = served.costs
+    assert modes == [True]
+    assert got == want

@@ -19,6 +19,7 @@ from torch import nn
 
 import timm_dgate
 from timm_dgate import ExitPolicy, Profile
+from timm_dgate.core.scores import exit_score
 
 from .helpers import SIZE
 
@@ -155,3 +156,22 @@ def test_a_cascade_profile_switch_mid_call_does_not_reach_that_call_and_state_di
     other.profiles.clear()
     other.load_state_dict(model.state_dict())
     assert other.policy == model.policy and other.profiles == model.profiles
+
+
+@torch.no_grad()
+def test_a_score_equal_to_its_threshold_leaves_in_the_eager_model_and_at_a_cascade_head():
+    """The exit rule has one tie-break everywhere (``>=``); a sample whose score is exactly the threshold leaves."""
+    gated, x = gated_with_two_profiles()
+    margins, _ = gated.forward_gates(x)
+    scores = margins[0].amax(1)
+    tie = int(scores.argsort()[len(scores) // 2])  # a middle sample: some leave with it, some stay
+    gated.set_thresholds([scores[tie].item(), math.inf, math.inf])
+    exits = gated(x, return_exits=True).exits
+    assert exits[tie] == 0 and torch.equal(exits == 0, scores >= scores[tie])
+
+    _gated, model, x = cascade_pair()
+    head = model.members[0](nn.functional.interpolate(x, size=(16, 16), mode="bilinear", antialias=True))
+    head_scores = exit_score(head, "softmax")  # the library's score: a tie to the last bit
+    model.set_thresholds([head_scores[tie].item()] + [math.inf] * 3, exit_score="softmax")
+    out = model(x, return_exits=True)
+    assert out.exits[tie] == 0 and torch.equal(out.exits == 0, head_scores >= head_scores[tie])

@@ -6,6 +6,7 @@ docs/architecture.md maps the modules behind it.
 """
 
 from .boundaries.discovery import family_of, register_family
+from .boundaries.selection import stages
 from .calibration.calibrate import calibrate
 from .calibration.curves import tradeoff_curve
 from .core.boundary import Boundary
@@ -23,7 +24,6 @@ from .evaluation.evaluate import evaluate
 from .evaluation.results import EvalReport
 from .fitting.training import FitReport, fit, survivor_weights
 from .models.auto import from_pretrained
-from .models.building import stages
 from .models.cascade import Cascade, cascade
 from .models.gated import GatedModel, wrap
 from .version import __version__

@@ -42,3 +42,7 @@ class UntrainedHeadWarning(UserWarning):
 class ExportError(ValueError):
     """A gated model cannot be exported as asked (its forward is not a chain of its segments, train mode, a
     compiled model, an exported file that disagrees with eager); the message says why and what works instead."""
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub could not be reached or refused the request (no network, no token, no access); names the repo."""

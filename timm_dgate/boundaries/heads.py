@@ -14,6 +14,9 @@ import math
 import torch
 from torch import nn
 
+from ..core.boundary import model_name
+from ..errors import UnsupportedModelError
+
 
 def untrained_head_reason(model: nn.Module) -> str | None:
     """Why ``model``'s classifier looks never trained, or None when it looks trained (or cannot be told)."""
@@ -45,3 +48,14 @@ def untrained_head_reason(model: nn.Module) -> str | None:
         f"the classifier looks untrained: {looks}{why}. Gates learn to agree with the head, so fit "
         "them to a trained one: the checkpoint's own classes, or your fine-tuned weights"
     )
+
+
+def require_classifier(model: nn.Module) -> int:
+    """Gates predict classes, so the model must have a head; checked before any probe runs."""
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise UnsupportedModelError(
+            model_name(model),
+            f"it has no classifier (num_classes={num_classes!r}); create the timm model with num_classes > 0",
+        )
+    return int(num_classes)

@@ -197,7 +197,7 @@ def _drop_first_sample(model: nn.Module, boundary: Boundary, x: torch.Tensor, re
         leave[0] = True
         return reference.new_zeros((out.shape[0], reference.shape[1])), leave
 
-    engine = ExitEngine(model, [boundary.module], [boundary.part], realign=realign, forward=family_forward(model))
+    engine = engine_for(model, [replace(boundary, realign=realign)])
     try:
         result = engine.exit_forward(x, drop_first)
     except Exception as error:
@@ -217,3 +217,15 @@ def _drop_first_sample(model: nn.Module, boundary: Boundary, x: torch.Tensor, re
             f"{diff:.3g}); a later layer still sees the full batch, e.g. a shortcut around the boundary",
             boundary.name,
         )
+
+
+def engine_for(model: nn.Module, boundaries: Sequence[Boundary]) -> ExitEngine:
+    """The exit engine for gates at ``boundaries``; every module's input is hooked only where one needs realigning,
+    and the family's forward adapter runs where it has one (``timm_dgate.boundaries.adapters``)."""
+    return ExitEngine(
+        model,
+        [b.module for b in boundaries],
+        [b.part for b in boundaries],
+        realign=any(b.realign for b in boundaries),
+        forward=family_forward(model),
+    )

@@ -47,11 +47,23 @@ def search_then_test(table: ExitTable, target: Target, propose: Propose, seed: i
             previous = thresholds
     sequence = sorted(candidates, key=lambda t: tuple(-v for v in search.evaluate(t)[1::-1]))  # costliest first
     tested = goal_of(test, target)
-    chosen = None
-    for thresholds in sequence:
-        if tested.shortfall(*totals(test, thresholds, tested)).item() > 1e-9:
-            break
-        chosen = thresholds
+    chosen = last_before_first_failure(
+        sequence, lambda thresholds: tested.shortfall(*totals(test, thresholds, tested)).item() <= 1e-9
+    )
     if chosen is None:  # even every gate closed fails the bound: say by how much
         check_met(test, sequence[0], tested, target)
+    return chosen
+
+
+def last_before_first_failure(
+    sequence: Sequence[tuple[float, ...]], passes: Callable[[tuple[float, ...]], bool]
+) -> tuple[float, ...] | None:
+    """Fixed-sequence testing: candidates tested in their fixed order, the last to pass before the first that
+    fails. Stopping there is what keeps the error at ``1 - confidence`` with no correction for the number of
+    candidates; a cheaper candidate that passes after a failure is a lucky draw, not a guarantee."""
+    chosen = None
+    for thresholds in sequence:
+        if not passes(thresholds):
+            break
+        chosen = thresholds
     return chosen

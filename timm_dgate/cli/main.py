@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import CalibrationError, ChanceAccuracyError, HubFormatError, InputError, UnsupportedModelError
+from ..errors import (
+    CalibrationError,
+    ChanceAccuracyError,
+    HubFormatError,
+    HubUnreachableError,
+    InputError,
+    UnsupportedModelError,
+)
 from ..fitting.training import DEFAULT_EPOCHS
 from .arguments import (
     DESCRIPTION,
@@ -31,7 +38,9 @@ def report_errors(parser: argparse.ArgumentParser, call: Callable[[], int]) -> i
     """Run ``call``; a user error ends the program like an argparse error: one line, exit code 2, no traceback."""
     try:
         return call()
-    except (InputError, UnsupportedModelError, HubFormatError, CalibrationError, ChanceAccuracyError) as error:
+    except (
+        InputError, UnsupportedModelError, HubFormatError, HubUnreachableError, CalibrationError, ChanceAccuracyError
+    ) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
@@ -60,10 +69,13 @@ def _stages(args: argparse.Namespace) -> int:
     import timm
 
     from ..boundaries.probe import default_input_size
+    from ..boundaries.selection import stages
     from ..core.costs import costs_to
-    from ..models.building import stages
 
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).eval()
+    if not timm.is_model(args.model):
+        raise InputError(f"unknown timm model {args.model!r}; timm.list_models('*{args.model[:6]}*') lists similar")
+    channels = {"in_chans": args.input_size[0]} if args.input_size else {}  # the model takes what it is shown
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **channels).eval()
     input_size = tuple(args.input_size) if args.input_size else default_input_size(model)
     found = stages(model, input_size, level=args.level)
     print(f"{'boundary':<28} {'channels':>8} {'reduction':>9} {'layout':>6}  gate  GFLOPs to it")

@@ -267,3 +267,8 @@ def check_format(
             f"(up to {newest}); upgrade timm_dgate"
         )
     return version
+
+
+def config_property(field: str, doc: str) -> property:
+    """A read-only model attribute answered by its ``config``, so the config stays the one source of truth."""
+    return property(lambda model: getattr(model.config, field), doc=doc)

@@ -9,6 +9,7 @@ reaches it.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -74,7 +75,8 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def count_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
-    """FLOPs of one forward of ``module``."""
+    """FLOPs of one forward of ``module`` (a private copy: other threads may be calling it)."""
+    module = copy.deepcopy(module)
     with unfused_attention(module), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return float(counter.get_total_flops())
@@ -88,8 +90,11 @@ def costs_to(
 
     Runs with autograd on (one image): FlopCounterMode's module tracker hooks every tensor that
     requires grad, and under ``no_grad`` a view of a parameter (CaiT's ``cls_token.expand``)
-    requires grad without a grad_fn, which the tracker cannot hook.
+    requires grad without a grad_fn, which the tracker cannot hook. Counts a private copy of the
+    model: the counting hooks, eval mode and unfused attention stay off the model other threads
+    may be calling, and their forwards cannot leak into the count.
     """
+    model = copy.deepcopy(model)
     parts = list(parts) if parts is not None else [None] * len(modules)
     param = next(model.parameters())
     x = torch.zeros((1, *input_size), device=param.device, dtype=param.dtype)  # bf16/fp16 models count alike
@@ -107,7 +112,6 @@ def costs_to(
         )
         for k, name in enumerate(modules)
     ]
-    was_training = model.training
     model.eval()
     try:
         with unfused_attention(model), torch.enable_grad(), counter:
@@ -115,7 +119,6 @@ def costs_to(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     to_gate = tuple(snapshots[k][0] for k in range(len(modules)))
     return to_gate, [snapshots[k][1] for k in range(len(modules))], float(counter.get_total_flops())
 

@@ -21,7 +21,6 @@ what they would see alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,22 +47,6 @@ class ExitResult:
 
     logits: torch.Tensor
     exits: torch.Tensor
-
-
-def threshold_decide(
-    gates: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    thresholds: Sequence[float],
-    score: Callable[[torch.Tensor], torch.Tensor],
-) -> Decide:
-    """The exit rule: at gate k a sample leaves when ``score(margins) >= thresholds[k]``; ``inf`` skips the gate."""
-
-    def decide(k: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if thresholds[k] == math.inf:
-            return None
-        margins = gates[k](output)
-        return margins, score(margins) >= thresholds[k]
-
-    return decide
 
 
 def select_part(output: object, part: int | None) -> object:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .engine import Decide
 from .profiles import Profile, check_profile_name, decode_thresholds, encode_thresholds
-from .scores import check_exit_score
+from .scores import check_exit_score, exit_score
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,23 @@ class ExitPolicy:
     def opened(self) -> list[int]:
         """Indices of the exits this policy opens (a finite threshold)."""
         return [k for k, t in enumerate(self.thresholds) if t != math.inf]
+
+    def leaves(self, k: int, outputs: torch.Tensor) -> torch.Tensor:
+        """The exit rule, written once for the engine, the runtime and a cascade's heads: a sample leaves exit
+        ``k`` when its score on ``outputs`` (margins or logits) reaches the threshold; a tie leaves."""
+        return exit_score(outputs, self.exit_score) >= self.thresholds[k]
+
+    def decide(self, gates: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Decide:
+        """This policy as the engine's decision at gate ``k``: ``None`` where the gate is closed (it is never
+        called), else the gate's margins and who leaves."""
+
+        def decide(k: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            if self.thresholds[k] == math.inf:
+                return None
+            margins = gates[k](output)
+            return margins, self.leaves(k, margins)
+
+        return decide
 
 
 class ExitPolicyOwner:
@@ -124,16 +142,36 @@ class ExitPolicyOwner:
         return profile
 
     def policy_for(self, choice: str | ExitPolicy | None = None) -> ExitPolicy:
-        """The policy one call runs with: the one in force (``None``), a stored profile's (its name), or ``choice``."""
+        """The policy one call runs with: the one in force (``None``), a stored profile's (its name), or ``choice``.
+
+        A policy whose length no longer matches the exits (a cascade member pruned after the
+        cascade's thresholds were set) is refused rather than applied to the wrong exits.
+        """
         if choice is None:
-            return self._policy
-        if isinstance(choice, ExitPolicy):
-            if len(choice.thresholds) != self.num_gates:
-                raise ValueError(
-                    f"the policy has {len(choice.thresholds)} thresholds; this {self.noun} has {self.num_gates}"
-                )
-            return choice
-        return ExitPolicy.of_profile(self.profile(choice))
+            policy = self._policy
+        elif isinstance(choice, ExitPolicy):
+            policy = choice
+        else:
+            policy = ExitPolicy.of_profile(self.profile(choice))
+        if len(policy.thresholds) != self.num_gates:
+            raise ValueError(
+                f"the policy has {len(policy.thresholds)} thresholds; this {self.noun} has {self.num_gates} "
+                f"({self._exit_description()}): set thresholds or calibrate again after changing its exits"
+            )
+        return policy
+
+    def policy_to_save(self) -> tuple[ExitPolicy, list[Profile]]:
+        """The policy in force and the stored profiles, read once for saving; a profile whose length no
+        longer matches the exits is refused here, so no folder is written that cannot be loaded."""
+        policy = self.policy_for()
+        profiles = list(self.profiles.values())
+        stale = [p.name for p in profiles if len(p.thresholds) != self.num_gates]
+        if stale:
+            raise ValueError(
+                f"profile(s) {', '.join(stale)} no longer match this {self.noun}'s {self.num_gates} exits "
+                f"({self._exit_description()}); calibrate again, or remove them from .profiles"
+            )
+        return policy, profiles
 
     # ---- state_dict: the policy travels as JSON bytes --------------------------------------------
 

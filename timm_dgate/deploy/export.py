@@ -72,6 +72,11 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
     """
     if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; expected one of {tuple(WRITERS)}")
+    if not all(hasattr(gated, name) for name in ("base_model", "gates", "boundaries")):
+        raise ExportError(
+            f"export takes a GatedModel, not a {type(gated).__name__}; a cascade's members export one by one "
+            "(export(cascade.members[i], folder)), and the exits between members stay in Python"
+        )
     if gated.training:
         raise ExportError("the gated model is in train mode, where no sample exits: call gated.eval() before export")
     if gated.compiled_segments:

@@ -27,7 +27,6 @@ import torch
 from ..core.engine import AllExited, ExitResult, ExitRun
 from ..core.policy import ExitPolicy, ExitPolicyOwner
 from ..core.profiles import Profile, decode_thresholds, encode_thresholds
-from ..core.scores import exit_score
 from ..errors import ExportError
 
 MANIFEST = "manifest.json"
@@ -193,7 +192,7 @@ class ExportedGatedModel(ExitPolicyOwner):
             for k, segment in enumerate(self.segments[:-1]):
                 x, margins = segment(x)
                 if policy.thresholds[k] != math.inf:
-                    staying = run.leave(k, x, margins, exit_score(margins, policy.exit_score) >= policy.thresholds[k])
+                    staying = run.leave(k, x, margins, policy.leaves(k, margins))
                     x = x if staying is None else staying
             (head,) = self.segments[-1](x)
         except AllExited:

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..calibration.calibrate import calibrate
 from ..core.cache import FeatureCache
 from ..core.contract import GatedBackbone
 from ..core.gates import describe_head, gate_head
@@ -102,7 +101,7 @@ def fit_kind(
     options = {"loss": kind.loss, "distill": kind.distill, "epochs": epochs, "lr": kind.lr, **fit_options}
     report = fit(model, train, **options)
     for _ in range(kind.survivor_rounds):
-        profile = calibrate(model, val, max_drop=kind.survivor_drop, name="survivor weighting", activate=True)
+        profile = model.calibrate(val, max_drop=kind.survivor_drop, name="survivor weighting", activate=True)
         weights = survivor_weights(model, train, floor=kind.survivor_floor)
         del model.profiles[profile.name]
         model.set_thresholds([math.inf] * model.num_gates)  # closed, as the GatedBackbone contract spells it

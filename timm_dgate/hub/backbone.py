@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..boundaries.probe import default_input_size
 from ..compat import get_model_args, hf_split
-from ..core.boundary import model_name
+from ..core.boundary import Boundary, model_name
 from ..core.config import DGateConfig
 from ..errors import HubFormatError
 from .names import BACKBONE_CONFIG_NAME, BACKBONE_WEIGHTS_NAME
@@ -90,9 +91,9 @@ def check_backbone(model: nn.Module, config: DGateConfig, folder: Path) -> None:
         )
 
 
-def check_boundaries(found: DGateConfig, saved: DGateConfig, folder: Path) -> None:
+def check_boundaries(found: Sequence[Boundary], saved: DGateConfig, folder: Path) -> None:
     """The probed boundaries of the model must carry the saved gates' channels and layouts."""
-    for k, (boundary, want) in enumerate(zip(found.boundaries, saved.boundaries)):
+    for k, (boundary, want) in enumerate(zip(found, saved.boundaries)):
         if (boundary.num_chs, boundary.layout) != (want.num_chs, want.layout):
             raise HubFormatError(
                 f"gate {k} in {folder} was saved at {want.name!r} with {want.num_chs} channels "

@@ -7,7 +7,8 @@ module only turns a repo id into such a path, or such a path into a commit.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 
 from ..core.config import FORMAT
-from ..errors import HubFormatError
+from ..errors import HubFormatError, HubUnreachableError
 from ..version import __version__
 from .names import LOADED_FILES
 
@@ -77,9 +78,10 @@ def push_folder(
 ) -> Any:
     """Create ``repo_id`` if needed, let ``write(tmp_folder, repo_id)`` fill a folder, commit all of it at once."""
     api = HfApi(token=token, library_name=FORMAT, library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with reaching_the_hub(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
     with TemporaryDirectory() as tmp:
         folder = write(Path(tmp), repo_id)
         operations = [  # sub-folders too: a cascade's members
@@ -87,6 +89,23 @@ def push_folder(
             for path in sorted(folder.rglob("*"))
             if path.is_file()
         ]
-        return api.create_commit(
-            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
-        )
+        with reaching_the_hub(repo_id):
+            return api.create_commit(
+                repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr
+            )
+
+
+NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3")  # what huggingface_hub's clients raise
+
+
+@contextmanager
+def reaching_the_hub(repo_id: str) -> Iterator[None]:
+    """A failure to reach the Hub or be let in, whichever HTTP client huggingface_hub uses, as one
+    :class:`~timm_dgate.errors.HubUnreachableError` that names the repo and the cause."""
+    try:
+        yield
+    except Exception as error:
+        if not (isinstance(error, OSError) or type(error).__module__.split(".")[0] in NETWORK_LIBRARIES):
+            raise
+        cause = (str(error).splitlines() or [""])[0][:200]
+        raise HubUnreachableError(f"could not push to {repo_id!r} ({type(error).__name__}: {cause})") from error

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..boundaries.probe import default_input_size
 from ..calibration.calibrate import calibrate, validation_cache
 from ..core.cache import FeatureCache, cache_features
 from ..core.costs import CascadeCosts
@@ -59,7 +60,7 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         self.profiles: dict[str, Profile] = {}
         self.seen_images = SeenImages()  # original images fit and evaluate read (members keep their own too)
         self._last_pass: torch.Tensor | None = None  # fingerprints of the images the last caching pass read
-        self.train(any(m.training for m in members))  # the members' mode (eval: exits run), as a GatedModel does
+        self.train(members_mode(members))  # the members' mode (eval: exits run), as a GatedModel does
 
     # ---- what the cascade is ---------------------------------------------------------------
 
@@ -81,6 +82,16 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
     def input_size(self) -> tuple[int, int, int]:
         """The last member's: the size a batch needs no resizing at for the member that answers most."""
         return self.members[-1].input_size
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The last member's preprocessing at :attr:`input_size`, so ``timm.data.resolve_model_data_config(cascade)``
+        gives what the cascade takes (each member resizes the batch itself; normalisation is shared)."""
+        return {**self.members[-1].pretrained_cfg, "input_size": self.input_size}
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
 
     @property
     def exit_names(self) -> list[str]:
@@ -147,7 +158,7 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
                 break
             stay = exits == start + member.num_gates  # reached the head
             if head != math.inf:
-                stay &= exit_score(out.logits, policy.exit_score) < head
+                stay &= ~policy.leaves(start + member.num_gates, out.logits)
             pieces.append((alive[~stay], out.logits[~stay], exits[~stay]))
             alive = alive[stay]
             if not len(alive):
@@ -287,6 +298,18 @@ def check_members(members: Sequence[nn.Module]) -> None:
         raise ValueError("the same model is in the cascade twice: each member must be a model of its own")
 
 
+def members_mode(members: Sequence[nn.Module]) -> bool:
+    """The one train/eval mode of all members; mixed modes are refused, since a cascade in train mode runs
+    no exit and one in eval mode would silently run a train-mode member's BatchNorm on batch statistics."""
+    training = [i for i, m in enumerate(members) if m.training]
+    if training and len(training) < len(members):
+        raise ValueError(
+            f"member(s) {training} are in train mode and the others in eval mode: call .eval() on every "
+            "member (timm creates models in train mode) or .train() on all of them"
+        )
+    return bool(training)
+
+
 def cascade(
     members: Sequence[nn.Module],
     *,
@@ -321,6 +344,9 @@ def cascade(
                 raise ValueError(f"member {i} is a GatedModel at input size {member.input_size}, not {tuple(size)}")
             wrapped.append(member)
         else:
+            channels = default_input_size(member)[0]
+            if size is not None and size[0] != channels:
+                raise ValueError(f"input_sizes[{i}] is {tuple(size)}, but member {i} takes {channels} channels")
             wrapped.append(wrap(member, [], input_size=size))
     return Cascade(wrapped, exit_score)
 

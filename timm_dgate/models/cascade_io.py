@@ -23,14 +23,14 @@ class CascadeHubMixin:
         a member made with ``base_model`` names its backbone's Hub id instead of storing it.
         """
         folder = Path(save_directory)
-        policy = self.policy  # read once: the saved thresholds and score are one policy
+        policy, profiles = self.policy_to_save()  # read once: the saved thresholds and score are one policy
         for i, member in enumerate(self.members):
             member.save_pretrained(folder / cascade_hub.member_folder(i))
         return cascade_hub.write_manifest(
             folder,
             [m.config for m in self.members],
             policy.exit_score,
-            list(self.profiles.values()),
+            profiles,
             saved_state(policy.thresholds, policy.profile),
             card_repo_id,
         )

@@ -8,30 +8,30 @@ of it through the folder format of docs/hub.md (``models.gated_io``; the files i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..boundaries.discovery import family_forward
+from ..boundaries.heads import require_classifier, untrained_head_reason
+from ..boundaries.probe import default_input_size, engine_for
+from ..boundaries.selection import chosen_boundaries
 from ..calibration.calibrate import calibrate, validation_cache
-from ..core.boundary import Boundary, model_name
-from ..core.config import DGateConfig
+from ..core.boundary import model_name
+from ..core.config import DGateConfig, config_property
 from ..core.costs import GateCosts, measure_costs
-from ..core.engine import ExitEngine, ExitResult, threshold_decide
+from ..core.engine import ExitResult
 from ..core.exit_table import ExitTable
-from ..core.gates import DecisionGate
+from ..core.gates import DecisionGate, head_for_hidden
 from ..core.losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from ..core.policy import ExitPolicy, ExitPolicyOwner, state_from_tensor, state_tensor
 from ..core.profiles import Profile
 from ..core.provenance import SeenImages
-from ..core.scores import exit_score
 from ..deploy.segments import compile_segments
-from ..errors import UnsupportedModelError
-from .building import gated_config, require_classifier
+from ..errors import UnsupportedModelError, UntrainedHeadWarning
 from .gated_io import GatedHubMixin
 from .pushing import PushToHubMixin
 from .tracing import TRACING_MESSAGE, refuse_tracing
@@ -77,31 +77,13 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
 
     # ---- settings (read from the config) ----------------------------------------------------
 
-    @property
-    def boundaries(self) -> tuple[Boundary, ...]:
-        return self.config.boundaries
-
-    @property
-    def num_gates(self) -> int:
-        return self.config.num_gates
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return self.config.input_size
-
-    @property
-    def pool(self) -> str:
-        return self.config.pool
-
-    @property
-    def gate_loss(self) -> str:
-        """What the gates were trained with (``hinge`` or ``ce``)."""
-        return self.config.gate_loss
-
-    @property
-    def gate_distill(self) -> float:
-        """Weight of the backbone's own predictions in the gates' training targets (0: labels only)."""
-        return self.config.gate_distill
+    boundaries = config_property("boundaries", "Where the gates sit, in network order.")
+    num_gates = config_property("num_gates", "How many gates (the head is exit ``num_gates``).")
+    input_size = config_property("input_size", "The ``(C, H, W)`` the model runs at.")
+    num_classes = config_property("num_classes", "The classes of the head and of every gate.")
+    pool = config_property("pool", "How a token layout's gates pool (``avg`` or ``token``).")
+    gate_loss = config_property("gate_loss", "What the gates were trained with (``hinge`` or ``ce``).")
+    gate_distill = config_property("gate_distill", "Weight of the backbone's predictions in the gates' targets.")
 
     def set_gate_loss(self, loss: str, distill: float = 0.0) -> None:
         """Record what the gates were trained with; the exit score becomes that loss's natural one."""
@@ -111,10 +93,6 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         self._policy = replace(self._policy, exit_score=DEFAULT_EXIT_SCORE[loss])
 
     # ---- timm's model API, answered by the backbone -------------------------------------------
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
@@ -222,7 +200,7 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
             logits = self.base_model(x)
             return ExitResult(logits, torch.full((len(logits),), self.num_gates, dtype=torch.long, device=x.device))
         refuse_tracing()
-        decide = threshold_decide(self.gates, policy.thresholds, partial(exit_score, kind=policy.exit_score))
+        decide = policy.decide(self.gates)
         result = self._engine.exit_forward(x, decide)
         return result if return_exits else result.logits
 
@@ -324,18 +302,6 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         return f"gates=[{gates}], exit_score={self.exit_score}"
 
 
-def engine_for(model: nn.Module, boundaries: Sequence[Boundary]) -> ExitEngine:
-    """The exit engine for gates at ``boundaries``; every module's input is hooked only where one needs realigning,
-    and the family's forward adapter runs where it has one (``timm_dgate.boundaries.adapters``)."""
-    return ExitEngine(
-        model,
-        [b.module for b in boundaries],
-        [b.part for b in boundaries],
-        realign=any(b.realign for b in boundaries),
-        forward=family_forward(model),
-    )
-
-
 def wrap(
     model: nn.Module,
     gates: Sequence[str | int] | str | None = None,
@@ -376,8 +342,26 @@ def wrap(
     """
     if isinstance(model, GatedModel):
         raise UnsupportedModelError(model_name(model.base_model), "it is already gated (a GatedModel)")
-    config = gated_config(
-        model, gates, input_size=input_size, pool=pool, exit_score=exit_score, model_args=model_args,
-        base_model=base_model, gate_head=gate_head, gate_head_options=gate_head_options, gate_hidden=gate_hidden,
+    num_classes = require_classifier(model)
+    reason = untrained_head_reason(model)
+    if reason is not None:
+        warnings.warn(f"timm_dgate.wrap({model_name(model)}): {reason}", UntrainedHeadWarning, stacklevel=2)
+    input_size = tuple(input_size or default_input_size(model))
+    if gate_hidden:  # the bare width wrap took before heads were named: an mlp head
+        if gate_head != "linear" or gate_head_options:
+            raise ValueError(f"give gate_hidden={gate_hidden} (an mlp head) or gate_head={gate_head!r}, not both")
+        gate_head, gate_head_options = head_for_hidden(gate_hidden)
+    config = DGateConfig(
+        architecture=model_name(model),
+        num_classes=num_classes,
+        input_size=input_size,
+        boundaries=tuple(replace(b, gflops=None) for b in chosen_boundaries(model, gates, input_size)),
+        pool=pool,
+        exit_score=exit_score,
+        base_model=base_model,
+        include_backbone=base_model is None,
+        model_args=dict(model_args or {}),
+        gate_head=gate_head,
+        gate_head_options=dict(gate_head_options or {}),
     )
     return GatedModel(model, config)

@@ -7,18 +7,19 @@ where a model's state meets them (``push_to_hub`` is shared with the cascade in 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..boundaries.selection import chosen_boundaries
 from ..core.policy import ExitPolicy
 from ..core.profiles import check_profile_name
 from ..errors import HubFormatError
 from ..hub.backbone import backbone_args, check_backbone, check_boundaries, load_backbone
 from ..hub.folder import read_folder, saved_state, write_folder
 from ..hub.remote import resolve_folder
-from .building import gated_config
 
 
 class GatedHubMixin:
@@ -41,7 +42,7 @@ class GatedHubMixin:
         ``card_repo_id`` is the repo id the model card's usage snippet loads.
         """
         self._check_attached()
-        policy = self.policy  # read once: the saved thresholds and score are one policy
+        policy, profiles = self.policy_to_save()  # read once: the saved thresholds and score are one policy
         base_model = base_model or self.config.base_model
         if include_backbone is None:
             include_backbone = self.config.include_backbone if base_model == self.config.base_model else not base_model
@@ -61,7 +62,7 @@ class GatedHubMixin:
             Path(save_directory),
             config,
             tensors,
-            list(self.profiles.values()),
+            profiles,
             saved_state(policy.thresholds, policy.profile),
             backbone=self.base_model if config.include_backbone else None,
             backbone_gflops=None if self._costs is None else self._costs.backbone / 1e9,  # saving runs no FLOP count
@@ -106,27 +107,27 @@ class GatedHubMixin:
             model = load_backbone(saved.config, folder, **options)
         check_backbone(model, saved.config, folder)
         try:
-            saved_gates = [b.module for b in saved.config.boundaries]
-            config = gated_config(
-                model, saved_gates, input_size=saved.config.input_size, pool=saved.config.pool,
-                model_args=saved.config.model_args, gate_head=saved.config.gate_head,
-                gate_head_options=saved.config.gate_head_options,
-            )
-            gated = cls(model, config)
+            found = chosen_boundaries(model, [b.module for b in saved.config.boundaries], saved.config.input_size)
+            check_boundaries(found, saved.config, folder)
+            gated = cls(model, saved.config.replace(boundaries=tuple(replace(b, gflops=None) for b in found)))
+        except HubFormatError:
+            raise
         except ValueError as error:  # UnsupportedModelError or an unknown boundary
             raise HubFormatError(f"the gates in {folder} cannot be attached to this model: {error}") from error
         try:
-            check_boundaries(gated.config, saved.config, folder)
             gated.config = saved.config
             device = next(model.parameters()).device
             gated.gates.to(device)
             gated.gates.load_state_dict({k.removeprefix("gates."): v.to(device) for k, v in saved.tensors.items()})
-            gated._policy = ExitPolicy(saved.thresholds, saved.config.exit_score)
             for p in saved.profiles:
                 gated.add_profile(p)
-            active = profile or saved.active_profile
-            if active is not None:
-                gated.use_profile(active)
+            if profile is not None:
+                gated.use_profile(profile)
+            else:  # the policy that ran when saved, not the profile re-read
+                active = saved.active_profile
+                if active is not None:
+                    check_profile_name(active, gated.profiles, str(folder))
+                gated._policy = ExitPolicy(saved.thresholds, saved.config.exit_score, active)
         except Exception:
             gated.unwrap()
             raise

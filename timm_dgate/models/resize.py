@@ -20,7 +20,11 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size[1:]):
         return x
     shrink = x.shape[-2] > size[1] or x.shape[-1] > size[2]
-    return nn.functional.interpolate(x, size=tuple(size[1:]), mode="bilinear", align_corners=False, antialias=shrink)
+    # antialiased resizing has no bfloat16/float16 kernel on every device: resize in float32, hand back the dtype
+    source = x.float() if shrink and x.dtype in (torch.bfloat16, torch.float16) else x
+    resized = nn.functional.interpolate(source, size=tuple(size[1:]), mode="bilinear", align_corners=False,
+                                        antialias=shrink)
+    return resized.to(x.dtype)
 
 
 def resized_batches(
