@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..core.exit_table import ExitTable
-from .goals import Goal, Target, check_met, goal_of, totals
+from ..errors import CalibrationError
+from .exact import lower_bound, needed_test_images, passes
+from .goals import Goal, Target, goal_of, totals
 
 # Candidates of a confident search: accuracy floors on the search half from 3 points above the
 # target to 1 point below it, in quarter points, strictest first.
@@ -27,10 +29,13 @@ Propose = Callable[[ExitTable, Goal, Sequence[float] | None], Sequence[float]]
 def search_then_test(table: ExitTable, target: Target, propose: Propose, seed: int = 0) -> tuple[float, ...]:
     """One half of ``table`` proposes candidates with ``propose``, strictest first; the other tests them in sequence.
 
-    Each candidate is tested at level ``1 - confidence`` (one-sided paired bound against the plain
-    model); the cheapest set before the first failure wins. The order is fixed before the testing
-    half is seen, so no correction for the many candidates is needed.
+    Each candidate is tested at level ``1 - confidence`` by an exact test (``exact``: a sign test on
+    the changes against the plain model, or Clopper-Pearson on the accuracy); the cheapest set
+    before the first failure wins. The order is fixed before the testing half is seen, so no
+    correction for the many candidates is needed. A table whose testing half is too small for any
+    open gate to pass is refused, naming the size needed.
     """
+    check_size(table.scores.shape[1], target)
     order = torch.randperm(table.scores.shape[1], generator=torch.Generator().manual_seed(seed))
     half = len(order) // 2
     search, test = table.rows(order[:half]), table.rows(order[half:])
@@ -46,13 +51,36 @@ def search_then_test(table: ExitTable, target: Target, propose: Propose, seed: i
             candidates.add(tuple(thresholds))
             previous = thresholds
     sequence = sorted(candidates, key=lambda t: tuple(-v for v in search.evaluate(t)[1::-1]))  # costliest first
-    tested = goal_of(test, target)
-    chosen = last_before_first_failure(
-        sequence, lambda thresholds: tested.shortfall(*totals(test, thresholds, tested)).item() <= 1e-9
-    )
-    if chosen is None:  # even every gate closed fails the bound: say by how much
-        check_met(test, sequence[0], tested, target)
+    chosen = last_before_first_failure(sequence, lambda thresholds: tested(test, thresholds, target))
+    if chosen is None:  # even every gate closed fails the test (min_accuracy): say by how much
+        n, correct = test.scores.shape[1], int(test.correct[-1].sum())
+        raise CalibrationError(
+            f"cannot meet {target.describe()} on this validation data ({table.scores.shape[1]} images): the "
+            f"plain model's accuracy on the {n} testing images is {correct / n:.4f}, its exact lower confidence "
+            f"bound {lower_bound(correct, n, 1 - target.confidence):.4f}. Nothing was activated."
+        )
     return chosen
+
+
+def tested(test: ExitTable, thresholds: tuple[float, ...], target: Target) -> bool:
+    """Whether ``thresholds`` pass ``target``'s exact test on the testing half; every gate closed is the plain
+    model itself, which meets any drop target without a test."""
+    if target.max_drop is not None and all(t == math.inf for t in thresholds):
+        return True
+    exits = test.exits(tuple(thresholds))
+    correct = test.correct[exits, torch.arange(len(exits))].bool()
+    return passes(target, correct, test.correct[-1].bool())
+
+
+def check_size(images: int, target: Target) -> None:
+    """Refuse a validation set whose testing half (the larger one) is too small for any gate to open."""
+    needed = max(2, 2 * needed_test_images(target) - 1)  # the testing half holds ceil(images / 2)
+    if images < needed:
+        raise CalibrationError(
+            f"confidence={target.confidence:g} needs at least {needed} validation images for {target.describe()}, "
+            f"got {images}: half of them test the thresholds, and on fewer no gate could ever pass that test, "
+            "whatever the images show. Give more validation images, or lower confidence. Nothing was activated."
+        )
 
 
 def last_before_first_failure(

@@ -12,16 +12,20 @@ the eager model before ``export`` returns.
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.atomic import write_whole
 from ..core.contract import GatedBackbone
 from ..errors import ExportError
 from ..version import __version__
-from .runtime import LOADERS, SUFFIXES, Manifest
+from .runtime import LOADERS, MANIFEST, SUFFIXES, Manifest
 from .segments import Chain, exit_chain
 
 VERIFY_ATOL = 1e-4
@@ -42,6 +46,28 @@ def _export_torch(module: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 WRITERS = {"onnx": _export_onnx, "torch": _export_torch}
+_EXPORT_FILE = re.compile(rf"{re.escape(MANIFEST)}|segment_[0-9]+({'|'.join(map(re.escape, SUFFIXES.values()))})")
+
+
+def _is_export_file(entry: Path) -> bool:
+    """A file an earlier export wrote (what a new export may replace): the manifest or a segment file."""
+    return entry.is_file() and not entry.is_symlink() and _EXPORT_FILE.fullmatch(entry.name) is not None
+
+
+def _verify(load: Callable[[Path], Any], path: Path, module: nn.Module, x: torch.Tensor, shown: Path) -> None:
+    """Run the written file ``path`` against eager on ``x``; ``shown`` is where it would have gone."""
+    try:
+        got = load(path)(x)
+    except Exception as error:  # the backend cannot load or run it (e.g. a dtype onnxruntime lacks kernels for)
+        raise ExportError(f"{shown} could not be run to check it ({type(error).__name__}: {error}); "
+                          "nothing was written") from error
+    want = module(x)
+    want = want if isinstance(want, tuple) else (want,)
+    close = [torch.allclose(g.float(), w.float(), rtol=VERIFY_ATOL, atol=VERIFY_ATOL) for g, w in zip(got, want)]
+    if len(got) != len(want) or not all(close):
+        raise ExportError(
+            f"{shown} gives other outputs than the eager model at batch size {len(x)}; nothing was written"
+        )
 
 
 class _GatedSegment(nn.Module):
@@ -69,6 +95,11 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
     :class:`~timm_dgate.errors.ExportError`, as does a written file that disagrees with eager.
     A model whose gates are all closed and that has no profile exports with a warning: it would
     never exit early until thresholds are set on the runtime. Returns the manifest's path.
+
+    The folder is written whole: everything goes into a hidden sibling folder, is checked there,
+    and replaces ``folder`` only then, so a failed export leaves the previous one as it was. The
+    folder may hold only an earlier export's files (manifest and segments); anything else is
+    refused with :class:`~timm_dgate.errors.ExportError` before writing (it would be lost).
     """
     if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; expected one of {tuple(WRITERS)}")
@@ -92,41 +123,38 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
         warnings.warn("timm_dgate.export: every gate is closed and there is no profile, so the export never exits "
                       "early until thresholds are set on the runtime (calibrate first)", UserWarning, stacklevel=2)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chains = [Chain([backbone.get_submodule(n) for n in names]) for names in pieces]
-    modules = [_GatedSegment(c, gate).eval() for c, gate in zip(chains, gated.gates)] + [chains[-1].eval()]
-    files = [f"segment_{k}{SUFFIXES[format]}" for k in range(len(modules))]
-    check = torch.randn((3, *gated.input_size), generator=make).to(param.device, param.dtype)  # another batch size
-    checks = []  # what reaches each file in eager at another batch size, to run the written files on
-    for k, (module, chain, name) in enumerate(zip(modules, chains, files)):
-        checks.append(check)
-        try:
-            WRITERS[format](module, example, folder / name)
-        except ExportError:
-            raise
-        except Exception as error:
-            raise ExportError(f"cannot export {name} (modules {', '.join(pieces[k])}) as {format}: {error}") from error
-        example, check = chain(example), chain(check)
-    manifest_path = Manifest(
-        format=format,
-        architecture=gated.config.architecture,
-        num_classes=gated.num_classes,
-        input_size=tuple(gated.input_size),
-        dtype=str(param.dtype).removeprefix("torch."),
-        boundaries=boundaries,
-        segments=files,
-        segment_modules=pieces,
-        exit_score=policy.exit_score,
-        thresholds=policy.thresholds,
-        profiles=list(gated.profiles.values()),
-        active_profile=policy.profile,
-        timm_dgate_version=__version__,
-    ).save(folder)
-    for module, name, x in zip(modules, files, checks):
-        got, want = LOADERS[format](folder / name)(x), module(x)
-        want = want if isinstance(want, tuple) else (want,)
-        close = [torch.allclose(g.float(), w.float(), rtol=VERIFY_ATOL, atol=VERIFY_ATOL) for g, w in zip(got, want)]
-        if len(got) != len(want) or not all(close):
-            raise ExportError(f"{folder / name} gives other outputs than the eager model at batch size {len(x)}")
-    return manifest_path
+    with write_whole(folder, _is_export_file, "an export", ExportError) as new:  # the old export or the new one
+        chains = [Chain([backbone.get_submodule(n) for n in names]) for names in pieces]
+        modules = [_GatedSegment(c, gate).eval() for c, gate in zip(chains, gated.gates)] + [chains[-1].eval()]
+        files = [f"segment_{k}{SUFFIXES[format]}" for k in range(len(modules))]
+        check = torch.randn((3, *gated.input_size), generator=make).to(param.device, param.dtype)  # another batch size
+        checks = []  # what reaches each file in eager at another batch size, to run the written files on
+        for k, (module, chain, name) in enumerate(zip(modules, chains, files)):
+            checks.append(check)
+            try:
+                WRITERS[format](module, example, new / name)
+            except ExportError:
+                raise
+            except Exception as error:
+                raise ExportError(
+                    f"cannot export {name} (modules {', '.join(pieces[k])}) as {format}: {error}"
+                ) from error
+            example, check = chain(example), chain(check)
+        Manifest(
+            format=format,
+            architecture=gated.config.architecture,
+            num_classes=gated.num_classes,
+            input_size=tuple(gated.input_size),
+            dtype=str(param.dtype).removeprefix("torch."),
+            boundaries=boundaries,
+            segments=files,
+            segment_modules=pieces,
+            exit_score=policy.exit_score,
+            thresholds=policy.thresholds,
+            profiles=list(gated.profiles.values()),
+            active_profile=policy.profile,
+            timm_dgate_version=__version__,
+        ).save(new)
+        for module, name, x in zip(modules, files, checks):
+            _verify(LOADERS[format], new / name, module, x, Path(folder) / name)
+    return Path(folder) / MANIFEST

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ import torch
 from ..core.engine import AllExited, ExitResult, ExitRun
 from ..core.policy import ExitPolicy, ExitPolicyOwner
 from ..core.profiles import Profile, decode_thresholds, encode_thresholds
+from ..core.scores import EXIT_SCORES
 from ..errors import ExportError
 
 MANIFEST = "manifest.json"
@@ -82,19 +84,51 @@ class Manifest:
                 profiles=[Profile.from_dict(p, num_gates) for p in data.get("profiles", [])],
             )
             manifest.thresholds = decode_thresholds(data["thresholds"], num_gates)
-            manifest.input_size = tuple(manifest.input_size)
+            manifest.input_size = tuple(manifest.input_size)  # a list in the file; not a list: refused by _check
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ExportError):
                 raise
             raise ExportError(f"{path} is not a valid manifest ({type(error).__name__}: {error})") from error
-        if manifest.format not in SUFFIXES:
-            raise ExportError(f"{path}: unknown format {manifest.format!r}; expected one of {tuple(SUFFIXES)}")
-        if len(manifest.segments) != num_gates + 1:
-            raise ExportError(f"{path}: {len(manifest.segments)} segments for {num_gates} gates (expected one more)")
-        missing = [f for f in manifest.segments if not (folder / f).is_file()]
+        manifest._check(folder, path)
+        return manifest
+
+    def _check(self, folder: Path, path: Path) -> None:
+        """Every field the runtime relies on, and the segment files against them: an ExportError naming the field."""
+        if self.format not in SUFFIXES:
+            raise ExportError(f"{path}: unknown format {self.format!r}; expected one of {tuple(SUFFIXES)}")
+        for name, ok, want in (
+            ("architecture", isinstance(self.architecture, str), "a string"),
+            ("num_classes", _positive(self.num_classes), "a positive integer"),
+            ("input_size", len(self.input_size) == 3 and all(map(_positive, self.input_size)), "three positive ints"),
+            ("dtype", isinstance(getattr(torch, str(self.dtype), None), torch.dtype), "a torch dtype's name"),
+            ("boundaries", isinstance(self.boundaries, list) and all(isinstance(b, str) for b in self.boundaries),
+             "a list of module names"),
+            ("exit_score", self.exit_score in EXIT_SCORES, f"one of {EXIT_SCORES}"),
+        ):
+            if not ok:
+                raise ExportError(f"{path}: {name} must be {want}, got {getattr(self, name)!r}")
+        num_gates = len(self.boundaries)
+        expected = [f"segment_{k}{SUFFIXES[self.format]}" for k in range(num_gates + 1)]
+        if self.segments != expected:  # the names export writes, in run order
+            raise ExportError(f"{path}: segments must be {expected} for a {self.format!r} export of {num_gates} "
+                              f"gates, got {self.segments!r}")
+        if not isinstance(self.segment_modules, list) or len(self.segment_modules) != len(self.segments):
+            raise ExportError(f"{path}: segment_modules must list the modules of each of the {len(expected)} segments")
+        missing = [f for f in self.segments if not (folder / f).is_file()]
         if missing:
             raise ExportError(f"{folder} lacks {', '.join(missing)}, listed in its {MANIFEST}")
-        return manifest
+        for name in self.segments:  # a .pt2 program is a zip archive, an ONNX model a protobuf
+            if zipfile.is_zipfile(folder / name) != (self.format == "torch"):
+                raise ExportError(f"{folder / name} is not a {self.format!r} file, as the format in {path} says")
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ExportError(f"{path}: profiles has a name twice: {names}")
+        if self.active_profile is not None and self.active_profile not in names:
+            raise ExportError(f"{path}: active_profile {self.active_profile!r} is not among its profiles {names}")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def onnx_runner(path: Path, providers: Sequence[str] | None = None) -> Runner:

@@ -23,9 +23,8 @@ from ..reports import profiles_table
 from ..version import __version__
 from .card import save_card
 from .folder import read_profiles, read_saved_state, write_profiles
-from .names import LOADED_FILES, PROFILES_NAME
+from .names import CASCADE_CONFIG_NAME, LOADED_FILES, PROFILES_NAME
 
-CASCADE_CONFIG_NAME = "cascade_config.json"
 CASCADE_FORMAT = "timm_dgate_cascade"
 CASCADE_FORMAT_VERSION = 1  # the newest this library reads
 # what loading a cascade repo downloads: each member folder's model files, not its card
@@ -104,12 +103,17 @@ def read_manifest(folder: Path) -> Manifest:
     if any("/" in n or "\\" in n or n.startswith(".") for n in names):
         raise HubFormatError(f"{path}: member folders must be plain names inside the cascade folder, got {names}")
     configs = [DGateConfig.from_pretrained(folder / name) for name in names]
-    for entry, config in zip(entries, configs):
-        if entry.get("num_gates", config.num_gates) != config.num_gates:
-            raise HubFormatError(
-                f"{path}: member {entry['folder']} is listed with {entry['num_gates']} gates; its "
-                f"{CONFIG_NAME} has {config.num_gates}"
-            )
+    for entry, config in zip(entries, configs):  # what the manifest lists must be what each member holds
+        for field, held in (
+            ("num_gates", config.num_gates),
+            ("architecture", config.architecture),
+            ("input_size", list(config.input_size)),
+        ):
+            if entry.get(field, held) != held:
+                raise HubFormatError(
+                    f"{path}: member {entry['folder']} is listed with {field} {entry[field]!r}; its "
+                    f"{CONFIG_NAME} has {held!r}"
+                )
     exits = num_exits(configs)
     score = raw.get("exit_score")
     if score not in EXIT_SCORES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import nn
 
+from ..core.atomic import write_whole
 from ..core.config import CONFIG_NAME, DGateConfig, read_json, write_json
 from ..core.gates import DecisionGate
 from ..core.profiles import Profile, decode_thresholds, encode_thresholds
 from ..errors import HubFormatError
 from .card import write_model_card
-from .names import GATES_NAME, PLOT_NAME, PROFILES_NAME
+from .names import GATES_NAME, PLOT_NAME, PROFILES_NAME, is_ours
 from .weights import load_weights
 
 
@@ -61,18 +63,32 @@ def write_folder(
 ) -> Path:
     """Write a folder in the format of docs/hub.md; ``backbone`` is stored in timm's layout when given.
 
-    ``state`` holds the thresholds in force and the active profile (saved beside the config).
+    ``state`` holds the thresholds in force and the active profile (saved beside the config). The
+    folder is written whole (:func:`writing`): the old one stays as it was if anything fails, and
+    no file of an earlier save is left (a gates-only save over a folder with a backbone has none),
+    but a ``tradeoff.png`` already there is kept when no ``tradeoff_plot`` is given.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    if backbone is not None:
-        save_for_hf(backbone, str(folder), model_args=config.model_args, safe_serialization=True)
-    save_file(gate_tensors, str(folder / GATES_NAME), metadata={"format": "pt"})
-    write_profiles(folder, profiles)
-    config.save_pretrained(folder, **state)
-    if tradeoff_plot is not None:
-        shutil.copyfile(tradeoff_plot, folder / PLOT_NAME)
-    write_model_card(folder, config, profiles, backbone_gflops, card_repo_id)
+    if tradeoff_plot is None and (folder / PLOT_NAME).is_file():
+        tradeoff_plot = folder / PLOT_NAME
+    with writing(folder, "a gated model's folder") as new:
+        if backbone is not None:
+            save_for_hf(backbone, str(new), model_args=config.model_args, safe_serialization=True)
+        save_file(gate_tensors, str(new / GATES_NAME), metadata={"format": "pt"})
+        write_profiles(new, profiles)
+        config.save_pretrained(new, **state)
+        if tradeoff_plot is not None:
+            shutil.copyfile(tradeoff_plot, new / PLOT_NAME)
+        write_model_card(new, config, profiles, backbone_gflops, card_repo_id)
     return folder
+
+
+def writing(folder: Path, what: str) -> AbstractContextManager[Path]:
+    """A temporary folder to write a gated or cascade folder into, swapped in whole on success.
+
+    The target may hold only files of these formats (:func:`~.names.is_ours`); a folder with
+    anything else is refused with a :class:`~timm_dgate.HubFormatError` naming it, before writing.
+    """
+    return write_whole(folder, is_ours, what, HubFormatError)
 
 
 def read_folder(folder: Path) -> SavedGates:

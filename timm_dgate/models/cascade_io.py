@@ -8,7 +8,7 @@ from typing import Any
 
 from ..core.profiles import check_profile_name
 from ..hub import cascade_folder as cascade_hub
-from ..hub.folder import saved_state
+from ..hub.folder import saved_state, writing
 from .gated import GatedModel
 
 
@@ -21,19 +21,23 @@ class CascadeHubMixin:
         A member folder is a GatedModel folder (docs/hub.md), so ``timm.create_model("local-dir:...")``
         or ``"hf-hub:<repo>/member0"``-style loading of its backbone works as for any gated model;
         a member made with ``base_model`` names its backbone's Hub id instead of storing it.
+        The members and the manifest go into one temporary folder that replaces the old one whole,
+        so a save that fails at any member leaves the old cascade folder as it was (docs/cascades.md).
         """
         folder = Path(save_directory)
         policy, profiles = self.policy_to_save()  # read once: the saved thresholds and score are one policy
-        for i, member in enumerate(self.members):
-            member.save_pretrained(folder / cascade_hub.member_folder(i))
-        return cascade_hub.write_manifest(
-            folder,
-            [m.config for m in self.members],
-            policy.exit_score,
-            profiles,
-            saved_state(policy.thresholds, policy.profile),
-            card_repo_id,
-        )
+        with writing(folder, "a cascade's folder") as new:
+            for i, member in enumerate(self.members):
+                member.save_pretrained(new / cascade_hub.member_folder(i))
+            cascade_hub.write_manifest(
+                new,
+                [m.config for m in self.members],
+                policy.exit_score,
+                profiles,
+                saved_state(policy.thresholds, policy.profile),
+                card_repo_id,
+            )
+        return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, profile: str | None = None, **options: Any) -> Any:
