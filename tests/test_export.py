@@ -19,6 +19,7 @@ import timm_dgate
 from timm_dgate.deploy.runtime import ExportedGatedModel, OnnxGatedModel, TorchExportedGatedModel
 
 from .helpers import SIZE
+from .test_policy import hammer
 
 QUANTILES = (0.7, 0.6, 0.5)  # of each gate's scores: about a third leave at each gate, the rest reach the head
 
@@ -169,3 +170,8 @@ def test_the_runtime_lets_a_score_equal_to_its_threshold_leave(exported):
     runtime.set_thresholds([scores[tie].item(), math.inf, math.inf], exit_score="margin")
     exits = runtime(images, return_exits=True).exits
     assert exits[tie] == 0 and torch.equal(exits == 0, scores >= scores[tie])
+
+
+def test_threads_switching_the_runtimes_profile_never_get_a_mixed_policy(exported):
+    _gated, images, folders = exported
+    hammer(OnnxGatedModel(folders["onnx"]), images, ("first", "mixed"), 0)

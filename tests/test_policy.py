@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
+import threading
 
 import pytest
 import timm
@@ -175,3 +177,64 @@ def test_a_score_equal_to_its_threshold_leaves_in_the_eager_model_and_at_a_casca
     model.set_thresholds([head_scores[tie].item()] + [math.inf] * 3, exit_score="softmax")
     out = model(x, return_exits=True)
     assert out.exits[tie] == 0 and torch.equal(out.exits == 0, head_scores >= head_scores[tie])
+
+
+def hammer(model, x: torch.Tensor, names: tuple[str, str], seed: int) -> None:
+    """Threads call ``model`` on random sub-batches while another switches its profile back and forth.
+
+    A call with ``profile=`` must equal that profile's single-threaded result; a call without must equal
+    one profile's result on every row (the one in force when it started), never a mix of the two.
+    """
+    want = {}
+    for name in names:
+        model.use_profile(name)
+        want[name] = model(x, return_exits=True)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def switch() -> None:
+        while not stop.is_set():
+            for name in names:
+                model.use_profile(name)
+
+    def call(worker: int) -> None:
+        rng = random.Random(seed * 100 + worker)
+        for _ in range(12):
+            rows = torch.tensor(rng.sample(range(len(x)), rng.randint(1, len(x))))
+            chosen = rng.choice([None, *names])
+            got = model(x[rows], return_exits=True, profile=chosen)
+            matches = [
+                name for name in names
+                if torch.equal(got.exits, want[name].exits[rows])
+                and torch.allclose(got.logits, want[name].logits[rows], rtol=0, atol=1e-5)
+            ]
+            if (chosen is not None and chosen not in matches) or not matches:
+                failures.append(f"worker {worker}: profile={chosen} matched {matches}")
+
+    switcher = threading.Thread(target=switch)
+    workers = [threading.Thread(target=call, args=(w,)) for w in range(3)]
+    switcher.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    switcher.join()
+    assert failures == []
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threads_switching_profiles_never_get_a_mixed_policy_gated_model(seed):
+    gated, x = gated_with_two_profiles()
+    hammer(gated, x, ("first", "all"), seed)
+
+
+@torch.no_grad()
+def test_threads_switching_profiles_never_get_a_mixed_policy_cascade():
+    _gated, model, x = cascade_pair()
+    caches = model.cache_features([(x, torch.zeros(BATCH, dtype=torch.long))], "probe", progress=False)
+    scores = model.exit_table(caches).scores
+    model.add_profile(Profile("head", [scores[0].quantile(0.5).item()] + [math.inf] * 3, exit_score="softmax"))
+    model.add_profile(Profile("late", [math.inf] + [s.quantile(0.4).item() for s in scores[1:]], "softmax"))
+    hammer(model, x, ("head", "late"), 0)
