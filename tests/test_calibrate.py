@@ -10,6 +10,7 @@ import torch
 
 import timm_dgate
 from timm_dgate.calibration.calibrate import chance_bound
+from timm_dgate.calibration.exact import accuracy_test_passes, needed_test_images, sign_test_passes
 from timm_dgate.calibration.goals import Target
 from timm_dgate.calibration.learn_then_test import last_before_first_failure
 from timm_dgate.calibration.search import search_thresholds
@@ -263,3 +264,70 @@ def test_learn_then_test_stops_at_the_first_candidate_that_fails():
     assert last_before_first_failure([costly, failing, cheapest], passes.__getitem__) == costly
     assert last_before_first_failure([failing, costly], passes.__getitem__) is None
     assert last_before_first_failure([costly, cheapest], passes.__getitem__) == cheapest
+
+
+def trap_population(n: int = 20_000) -> ExitTable:
+    """One gate that never beats the head and loses 10% of the head's right answers below score 0.5: opening it
+    fully costs 4.4 points, and a handful of images often shows no loss at all."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1, n, generator=g, dtype=torch.float64)
+    head = torch.rand(n, generator=g) < 0.9
+    lost = head & (torch.rand(n, generator=g) < 0.1 * (scores[0] < 0.5))
+    return ExitTable(scores, torch.stack([head & ~lost, head]), GateCosts(to_gate=(1e8,), gate=(1e5,), backbone=4e8))
+
+
+@pytest.mark.parametrize("size", [12, 24, 50])
+def test_confidence_holds_on_a_handful_of_validation_images(size):
+    """Exact tests keep the promise at every size: validation sets drawn from a population miss the target on
+    that population in at most ~10% of draws (<= 5 of 25 allows for sampling). The normal bound missed in
+    80%, 61% and 45% of draws at 12, 24 and 50 images (drop 0.5 pt; no warning)."""
+    population, draws = trap_population(), 25
+    g = torch.Generator().manual_seed(size)
+    misses = 0
+    for _ in range(draws):
+        val = population.rows(torch.randint(0, population.scores.shape[1], (size,), generator=g))
+        thresholds = search_thresholds(val, Target(max_drop=0.005, confidence=0.9), "sequential")
+        misses += population.evaluate(thresholds)[0] < population.plain_accuracy - 0.005
+    assert misses <= 5, misses
+
+
+@pytest.mark.parametrize(
+    ("target", "needed"),
+    [(Target(max_drop=0.01, confidence=0.9), 7), (Target(min_accuracy=0.9, confidence=0.9), 43)],
+)
+def test_too_few_validation_images_are_refused_naming_the_count_needed(target, needed):
+    """One image gave ``cannot convert float NaN to integer``; below the size where no gate could pass the test,
+    the refusal says how many images it takes (the testing half is the larger one)."""
+    n_test = needed_test_images(target)
+    assert needed == 2 * n_test - 1
+    for images in (1, needed - 1):
+        message = f"needs at least {needed} validation images.*got {images}"
+        with pytest.raises(timm_dgate.CalibrationError, match=message):
+            search_thresholds(random_table(0, images), target)
+    try:
+        search_thresholds(random_table(0, needed), target)
+    except timm_dgate.CalibrationError as error:  # the data may not meet it, but the size is enough
+        assert "needs at least" not in str(error)
+    alpha = 1 - target.confidence  # and the count is the boundary: the best possible data passes there, not below
+    if target.max_drop is None:
+        assert accuracy_test_passes(n_test, n_test, 0.9, alpha)
+        assert not accuracy_test_passes(n_test - 1, n_test - 1, 0.9, alpha)
+    else:
+        assert sign_test_passes(n_test, 0, n_test, 0.01, alpha)
+        assert not any(sign_test_passes(w, 0, n_test - 1, 0.01, alpha) for w in range(n_test))
+
+
+@pytest.mark.parametrize("losses", [0.06, 0.3])
+def test_the_paired_sign_test_is_exact_on_the_boundary_of_the_target(losses):
+    """Enumerate every outcome of 12 images where the drop is exactly the target (wins = losses - 0.05): the test
+    passes with probability at most alpha, as an exact test must at any size."""
+    n, drop, alpha = 12, 0.05, 0.1
+    p_win, p_loss = losses - drop, losses
+    level = 0.0
+    for w in range(n + 1):
+        for loss in range(n - w + 1):
+            if sign_test_passes(w, loss, n, drop, alpha):
+                level += math.comb(n, w) * math.comb(n - w, loss) * p_win**w * p_loss**loss * (1 - p_win - p_loss) ** (
+                    n - w - loss
+                )
+    assert level <= alpha

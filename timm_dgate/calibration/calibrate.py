@@ -95,7 +95,9 @@ def calibrate(
 
     ``confidence`` (e.g. ``0.9``) makes an accuracy target hold on new data with that
     probability rather than on the validation estimate: half of ``data`` proposes thresholds,
-    the other half tests them (:func:`~timm_dgate.calibration.search.search_thresholds`). Without
+    the other half tests them with exact tests (``calibration.exact``: the promise holds at every
+    size; too few images for any gate to pass raise :class:`~timm_dgate.CalibrationError` naming
+    the count needed) (:func:`~timm_dgate.calibration.search.search_thresholds`). Without
     it, more than half of all profiles land below their target on new data; with it, expect fewer
     FLOPs saved.
 

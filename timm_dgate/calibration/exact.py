@@ -71,6 +71,8 @@ def sign_test_passes(wins: int, losses: int, n: int, drop: float, alpha: float) 
     at level ``alpha`` (module doc)."""
     changed = wins + losses
     share = alpha / 10 if drop > 0 else 0.0  # the part of alpha that bounds the changed rate
+    if changed > drop * n and binomial_tail(wins, changed, (1 - drop * n / changed) / 2) > alpha - share:
+        return False  # fails even at the lowest the bound could be (the changed rate seen): no bisection
     changed_rate = upper_bound(changed, n, share) if share else 1.0
     if changed_rate <= drop:  # even if every change were a loss, the drop is within the target
         return True
