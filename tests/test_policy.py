@@ -238,3 +238,18 @@ def test_threads_switching_profiles_never_get_a_mixed_policy_cascade():
     model.add_profile(Profile("head", [scores[0].quantile(0.5).item()] + [math.inf] * 3, exit_score="softmax"))
     model.add_profile(Profile("late", [math.inf] + [s.quantile(0.4).item() for s in scores[1:]], "softmax"))
     hammer(model, x, ("head", "late"), 0)
+
+
+@torch.no_grad()
+def test_the_saved_policy_is_the_one_that_ran_and_thresholds_cannot_be_assigned_past_it(tmp_path):
+    gated, x = gated_with_two_profiles()
+    gated.use_profile("all")
+    with pytest.raises(AttributeError):
+        gated.thresholds = (0.0, 0.0, 0.0)  # a bare assignment would keep the profile's name over other values
+    gated.set_thresholds([t + 0.01 for t in gated.thresholds])
+    ran = gated.policy
+    loaded = timm_dgate.from_pretrained(gated.save_pretrained(tmp_path / "tuned"))
+    assert loaded.policy == ran and loaded.active_profile is None
+    assert torch.equal(loaded(x, return_exits=True).exits, gated(x, return_exits=True).exits)
+    gated.use_profile("first")
+    assert timm_dgate.from_pretrained(gated.save_pretrained(tmp_path / "first")).policy == gated.policy
