@@ -19,6 +19,7 @@ from .core.gates import DecisionGate, register_gate_head
 from .core.policy import ExitPolicy
 from .core.profiles import Profile
 from .deploy.export import export
+from .deploy.refill import predict
 from .errors import CalibrationError, ChanceAccuracyError, ExportError, HubFormatError, UnsupportedModelError
 from .evaluation.evaluate import evaluate
 from .evaluation.results import EvalReport
@@ -56,6 +57,7 @@ __all__ = [
     "family_of",
     "fit",
     "from_pretrained",
+    "predict",
     "register_family",
     "register_gate_head",
     "stages",

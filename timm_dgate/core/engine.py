@@ -122,19 +122,24 @@ class ExitRun:
             if not isinstance(head, torch.Tensor):
                 raise TypeError(f"timm_dgate: the model returned {type(head).__name__}, not logits")
             pieces.append((self.alive, head, head_index))
-        device = self.alive.device
-        if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
-            _, values, k = pieces[0]
-            return ExitResult(values, torch.full((self.batch,), k, dtype=torch.long, device=device))
-        dtype = pieces[-1][1].dtype
-        for _, values, _ in pieces:
-            dtype = torch.promote_types(dtype, values.dtype)
-        logits = torch.empty((self.batch, pieces[-1][1].shape[1]), dtype=dtype, device=device)
-        exits = torch.empty(self.batch, dtype=torch.long, device=device)
-        for index, values, k in pieces:
-            logits[index] = values.to(dtype)
-            exits.index_fill_(0, index, k)  # not exits[index] = k: on CUDA that copies k to the device and syncs
-        return ExitResult(logits, exits)
+        return assemble(self.batch, pieces, self.alive.device)
+
+
+def assemble(batch: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor, int]], device: torch.device) -> ExitResult:
+    """One batch's result from its exit groups ``(rows, logits of those rows, exit)``, rows in input order;
+    shared by :class:`ExitRun` and the refill executor, whose groups come from several stage runs."""
+    if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
+        _, values, k = pieces[0]
+        return ExitResult(values, torch.full((batch,), k, dtype=torch.long, device=device))
+    dtype = pieces[-1][1].dtype
+    for _, values, _ in pieces:
+        dtype = torch.promote_types(dtype, values.dtype)
+    logits = torch.empty((batch, pieces[-1][1].shape[1]), dtype=dtype, device=device)
+    exits = torch.empty(batch, dtype=torch.long, device=device)
+    for index, values, k in pieces:
+        logits[index] = values.to(dtype)
+        exits.index_fill_(0, index, k)  # not exits[index] = k: on CUDA that copies k to the device and syncs
+    return ExitResult(logits, exits)
 
 
 class _CollectRun:

@@ -25,8 +25,9 @@ from ..core.atomic import write_whole
 from ..core.contract import GatedBackbone
 from ..errors import ExportError
 from ..version import __version__
+from .graphs import graphed_modules
 from .runtime import LOADERS, MANIFEST, SUFFIXES, Manifest
-from .segments import Chain, exit_chain
+from .stages import chain_modules
 
 VERIFY_ATOL = 1e-4
 
@@ -70,18 +71,6 @@ def _verify(load: Callable[[Path], Any], path: Path, module: nn.Module, x: torch
         )
 
 
-class _GatedSegment(nn.Module):
-    """A segment that ends at a gate: its features, for the next segment, and the gate's margins."""
-
-    def __init__(self, segment: nn.Module, gate: nn.Module):
-        super().__init__()
-        self.segment, self.gate = segment, gate
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.segment(x)
-        return features, self.gate(features)
-
-
 @torch.no_grad()
 def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx") -> Path:
     """Write ``gated`` to ``folder``: one file per segment (the last gives the logits, each other its
@@ -112,20 +101,20 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
         raise ExportError("the gated model is in train mode, where no sample exits: call gated.eval() before export")
     if gated.compiled_segments:
         raise ExportError("export a gated model before compile(): compiled segments cannot be exported")
+    if graphed_modules(gated.base_model):
+        raise ExportError("export a gated model before cuda_graphs(): graph replays cannot be exported")
     param = next(gated.parameters())
-    backbone = gated.base_model
-    boundaries = [b.module for b in gated.boundaries]
     make = torch.Generator().manual_seed(0)
     example = torch.randn((2, *gated.input_size), generator=make).to(param.device, param.dtype)
-    pieces = exit_chain(backbone, boundaries, example)
+    steps, head, pieces = chain_modules(gated, example)
     policy = gated.policy  # read once: the exported thresholds and score are one policy
     if policy.all_closed and not gated.profiles:
         warnings.warn("timm_dgate.export: every gate is closed and there is no profile, so the export never exits "
                       "early until thresholds are set on the runtime (calibrate first)", UserWarning, stacklevel=2)
 
     with write_whole(folder, _is_export_file, "an export", ExportError) as new:  # the old export or the new one
-        chains = [Chain([backbone.get_submodule(n) for n in names]) for names in pieces]
-        modules = [_GatedSegment(c, gate).eval() for c, gate in zip(chains, gated.gates)] + [chains[-1].eval()]
+        modules: list[nn.Module] = [*steps, head]
+        chains = [step.segment for step in steps] + [head]
         files = [f"segment_{k}{SUFFIXES[format]}" for k in range(len(modules))]
         check = torch.randn((3, *gated.input_size), generator=make).to(param.device, param.dtype)  # another batch size
         checks = []  # what reaches each file in eager at another batch size, to run the written files on
@@ -146,7 +135,7 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
             num_classes=gated.num_classes,
             input_size=tuple(gated.input_size),
             dtype=str(param.dtype).removeprefix("torch."),
-            boundaries=boundaries,
+            boundaries=[b.module for b in gated.boundaries],
             segments=files,
             segment_modules=pieces,
             exit_score=policy.exit_score,

@@ -23,6 +23,7 @@ import functools
 import types
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -128,6 +129,9 @@ class Chain(nn.Module):
         return x
 
 
+_RECORDING: ContextVar[object | None] = ContextVar("timm_dgate_exit_chain", default=None)
+
+
 def _same(a: object, b: object) -> bool:
     return a is b or (
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
@@ -147,19 +151,24 @@ def exit_chain(model: nn.Module, boundaries: Sequence[str], example: torch.Tenso
     units += [b for b in boundaries if not any(u.startswith(f"{b}.") for u in units)]  # leaf boundaries
     calls: list[tuple[str, tuple, dict, object]] = []
     ends: dict[str, object] = {}
+    mine = object()  # the hooks record this call only, not another thread's forward of the same modules
 
     def record(name: str, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        calls.append((name, args, kwargs, output))
+        if _RECORDING.get() is mine:
+            calls.append((name, args, kwargs, output))
 
     def record_end(name: str, module: nn.Module, args: tuple, output: object) -> None:
-        ends[name] = output
+        if _RECORDING.get() is mine:
+            ends[name] = output
 
     hook = model.get_submodule
     handles = [hook(u).register_forward_hook(functools.partial(record, u), with_kwargs=True) for u in units]
     handles += [hook(b).register_forward_hook(functools.partial(record_end, b)) for b in boundaries]
+    token = _RECORDING.set(mine)
     try:
         output = model(example)
     finally:
+        _RECORDING.reset(token)
         for handle in handles:
             handle.remove()
     order = [name for name, *_ in calls]

@@ -30,6 +30,7 @@ from ..core.losses import DEFAULT_EXIT_SCORE, check_gate_loss
 from ..core.policy import ExitPolicy, ExitPolicyOwner, state_from_tensor, state_tensor
 from ..core.profiles import Profile
 from ..core.provenance import SeenImages
+from ..deploy.graphs import SegmentGraphs, graph_segments
 from ..deploy.segments import compile_segments
 from ..errors import UnsupportedModelError, UntrainedHeadWarning
 from .gated_io import GatedHubMixin
@@ -71,6 +72,7 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
         self.backbone_frozen = False
         self._costs: GateCosts | None = None
         self._segments: list[str] = []  # compiled by compile()
+        self._graphs: SegmentGraphs | None = None  # captured by cuda_graphs()
         self.seen_images = SeenImages()  # what fit and evaluate read, so calibrate can refuse it (in memory only)
         self._engine = engine_for(model, config.boundaries)
         self.train(model.training)  # the wrapper starts in the backbone's mode (eval: exits run)
@@ -231,6 +233,20 @@ class GatedModel(GatedHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
             raise RuntimeError(f"timm_dgate: this gated model is already compiled ({len(self._segments)} segments)")
         self._segments = compile_segments(self.base_model, [b.module for b in self.boundaries], **compile_kwargs)
         return list(self._segments)
+
+    def cuda_graphs(self, buckets: Sequence[int] | None = None) -> SegmentGraphs:
+        """Replay the backbone's work between exits from CUDA graphs, captured lazily per batch-size bucket.
+
+        ``buckets``: the batch sizes to capture (a batch pads up to the next one; default: powers of two).
+        The exit decisions stay eager, as with :meth:`compile` (which may come first: the compiled
+        segments are captured). A CUDA model only; see ``timm_dgate.deploy.graphs``. Returns the graphed
+        segments, whose ``memory_bytes`` says what the captured graphs hold.
+        """
+        self._check_attached()
+        if self._graphs is not None:
+            raise RuntimeError("timm_dgate: this gated model already replays CUDA graphs")
+        self._graphs = graph_segments(self.base_model, [b.module for b in self.boundaries], buckets)
+        return self._graphs
 
     @property
     def compiled_segments(self) -> list[str]:
