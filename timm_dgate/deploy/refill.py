@@ -150,6 +150,8 @@ class RefillExecutor:
         if n == 0:
             self._finish(ticket)
             return ticket
+        if device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()  # so the copy to the device is queued, and the host goes on at once
         self.queues[0].put(_Rows(
             x.to(device, self.stages.dtype, non_blocking=True),
             torch.arange(n, device=device),
