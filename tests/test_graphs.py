@@ -17,6 +17,7 @@ import torch
 
 import timm_dgate
 from timm_dgate.deploy.graphs import BucketedGraphs, default_buckets, eager_capture, graph_segments
+from timm_dgate.deploy.refill import RefillExecutor
 
 from .test_export import gated_with_mixed_exits
 from .test_gpu import HostSyncs
@@ -70,7 +71,7 @@ def test_capturing_on_cuda_is_refused_for_a_cpu_model():
     with pytest.raises(RuntimeError, match="CUDA device"):
         BucketedGraphs(RowSum(), None, torch.device("cpu"))
     gated, _ = gated_with_mixed_exits()
-    with pytest.raises(RuntimeError, match="CUDA device.*compile"):
+    with pytest.raises(RuntimeError, match=r"CUDA device.*compile"):
         gated.cuda_graphs()
     with pytest.raises(ValueError, match="positive"):
         BucketedGraphs(RowSum(), [0, 4], torch.device("cpu"), eager_capture)
@@ -149,3 +150,9 @@ def test_threads_sharing_the_graphs_each_get_their_own_rows():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_graphs_per_segment_and_graphs_per_stage_do_not_nest():
+    gated, _, _, _ = graphed()
+    with pytest.raises(ValueError, match="one or the other"):
+        RefillExecutor(gated, 8, cuda_graphs=True)

@@ -25,7 +25,7 @@ import torch
 from ..core.contract import RunnableExitModel
 from ..core.engine import ExitResult, assemble
 from ..core.policy import ExitPolicy
-from .graphs import BucketedGraphs, default_buckets
+from .graphs import BucketedGraphs, default_buckets, graphed_modules
 from .stages import Stages, stages_of
 
 
@@ -118,6 +118,9 @@ class RefillExecutor:
         self.stages: Stages = stages_of(model)
         steps, head = list(self.stages.steps), self.stages.head
         if cuda_graphs:
+            if graphed_modules(getattr(model, "base_model", None) or torch.nn.Module()):
+                raise ValueError("the model already replays CUDA graphs per segment (cuda_graphs()); predict's "
+                                 "cuda_graphs=True captures whole stages instead: use one or the other")
             buckets = default_buckets(batch_size)
             steps = [BucketedGraphs(step, buckets, self.stages.device) for step in steps]
             head = BucketedGraphs(head, buckets, self.stages.device)
