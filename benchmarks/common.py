@@ -10,6 +10,7 @@ never from each other.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -107,6 +108,22 @@ def machine() -> str:
         cpu = platform.processor() or "unknown CPU"
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return f"{cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {load}"
+
+
+def random_gated(name: str, input_size: Sequence[int], device: torch.device | str = "cpu", num_classes: int = 10,
+                 **model_kwargs: object) -> tuple[nn.Module, GatedModel]:
+    """A random-init timm model and a gated copy of it with random gate weights (both in eval mode, on ``device``).
+
+    For the speed benchmarks: an executor's speed depends on where samples exit, not on what the weights
+    learned. Wrapped on the CPU, where the FLOPs are counted (``costs``), then moved.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=num_classes, in_chans=input_size[0], **model_kwargs).eval()
+    gated = wrap(copy.deepcopy(model), input_size=tuple(input_size))
+    for gate in gated.gates:
+        torch.nn.init.normal_(gate.fc.weight, std=0.1)
+    _ = gated.costs  # counted now, on the CPU
+    return model.to(device), gated.to(device)
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:

@@ -2,7 +2,10 @@
 
 The sync count runs everywhere: a dispatch mode counts the operators that read a device value
 back to the host or copy a Python number to the device (on CUDA each one waits for the device;
-an NVIDIA H200 found the second kind). Tests marked ``gpu`` need CUDA and are skipped without it.
+an NVIDIA H200 found the second kind). Tests marked ``gpu`` need CUDA and are skipped without it;
+they cover the eager, compiled and ONNX paths, and the segments replayed from CUDA graphs
+(``gated.cuda_graphs()``, alone and after ``compile()``, in fp32 and bf16 autocast) and the refill
+executor on graphs (``timm_dgate.predict(..., cuda_graphs=True)``). benchmarks/gpu.sh runs them.
 """
 
 from __future__ import annotations
@@ -133,3 +136,97 @@ def test_onnx_runtime_with_the_cuda_provider_matches_eager(tmp_path):
     got = model(images, return_exits=True)
     assert got.logits.is_cuda and torch.equal(got.exits, want.exits)
     assert torch.allclose(got.logits, want.logits, atol=1e-3)
+
+
+@pytest.fixture
+def exact_fp32(monkeypatch):
+    """cuDNN convolutions in full fp32 (torch lets them use TF32 by default): a graph pads a batch to its bucket, and
+    another batch size may get another algorithm, so eager and graphed runs agree to 1e-4 only without TF32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_cuda_graphs_give_the_eager_exits_and_logits_at_every_batch_size(exact_fp32):
+    gated, images, thresholds = gated_model("cuda")
+    gated.set_thresholds(thresholds)
+    graphed = copy.deepcopy(gated)
+    graphs = graphed.cuda_graphs()
+    for n in (1, 3, 8, 13, 37, 64, 5):  # 3, 13, 37, 5: between buckets, so padded rows; 5 after larger batches
+        want, got = gated(images[:n], return_exits=True), graphed(images[:n], return_exits=True)
+        assert torch.equal(got.exits, want.exits), n
+        assert torch.allclose(got.logits, want.logits, atol=1e-4), n
+    assert graphs.num_graphs > 0 and graphs.memory_bytes > 0
+
+
+@cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_cuda_graphs_sync_with_the_host_at_most_once_per_open_gate():
+    gated, images, thresholds = gated_model("cuda")
+    gated.set_thresholds(thresholds)
+    gated.cuda_graphs()
+    for _ in range(2):  # warm-up: captures every bucket this batch reaches
+        gated(images)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gated(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, syncs  # gates 0 and 2 open; a replay itself waits for nothing
+
+
+@cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_cuda_graphs_replay_under_bf16_autocast_and_keep_fp32_graphs_apart(exact_fp32):
+    gated, images, thresholds = gated_model("cuda")
+    gated.set_thresholds(thresholds)
+    graphed = copy.deepcopy(gated)
+    graphs = graphed.cuda_graphs()
+    for n in (8, 64):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want, got = gated(images[:n], return_exits=True), graphed(images[:n], return_exits=True)
+        assert got.logits.dtype == want.logits.dtype == torch.bfloat16  # captured under autocast
+        agree = got.exits == want.exits  # bf16 rounds per kernel: a score at a threshold may fall either side
+        assert agree.float().mean() >= 0.9, (got.exits, want.exits)
+        assert torch.allclose(got.logits[agree].float(), want.logits[agree].float(), atol=0.1, rtol=0.05)
+    in_bf16 = graphs.num_graphs
+    want, got = gated(images, return_exits=True), graphed(images, return_exits=True)  # fp32 again: its own graphs
+    assert got.logits.dtype == torch.float32 and graphs.num_graphs > in_bf16
+    assert torch.equal(got.exits, want.exits)
+    assert torch.allclose(got.logits, want.logits, atol=1e-4)
+
+
+@cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_cuda_compiled_segments_replay_from_graphs(exact_fp32):
+    gated, images, thresholds = gated_model("cuda")
+    gated.set_thresholds(thresholds)
+    fast = copy.deepcopy(gated)
+    fast.compile()
+    fast.cuda_graphs()
+    for n in (1, 13, 64, 13):  # 13 again: a replay of what was captured
+        want, got = gated(images[:n], return_exits=True), fast(images[:n], return_exits=True)
+        assert torch.equal(got.exits, want.exits), n
+        assert torch.allclose(got.logits, want.logits, atol=1e-3), n  # fused kernels round differently
+
+
+@cuda
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_cuda_predict_on_graphs_equals_one_eager_call_per_batch(exact_fp32):
+    gated, images, thresholds = gated_model("cuda")
+    gated.set_thresholds(thresholds)
+    batches = list(images.split(24))  # 24, 24, 16: stages pool the survivors of several batches; the last is partial
+    want = [gated(b, return_exits=True) for b in batches]
+    got = list(timm_dgate.predict(gated, batches, batch_size=24, cuda_graphs=True))
+    assert len(got) == len(want)
+    for w, g in zip(want, got):
+        assert g.logits.is_cuda and torch.equal(g.exits, w.exits)
+        assert torch.allclose(g.logits, w.logits, atol=1e-4)

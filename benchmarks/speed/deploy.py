@@ -43,14 +43,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `benchmarks.*`
 
 import timm_dgate
-from benchmarks.common import half_exit_thresholds, machine, paired_ratio
+from benchmarks.common import half_exit_thresholds, machine, paired_ratio, random_gated
 from timm_dgate.deploy.runtime import OnnxGatedModel
 from timm_dgate.deploy.segments import Chain, exit_chain
 from timm_dgate.evaluation.timing import Run, interleaved, time_pass
@@ -58,20 +57,6 @@ from timm_dgate.evaluation.timing import Run, interleaved, time_pass
 MODES = ("eager", "compiled", "ONNX")
 GOALS = {"compiled": 0.85, "ONNX": 0.8}  # fractions of the FLOPs ideal speed-up at the largest batch (issue 14)
 VARIANT_COUNTS = {1: "two", 2: "four", 3: "six"}  # variants timed side by side (plain and gated) per number of modes
-
-
-def build(name: str, input_size: tuple[int, int, int],
-          device: torch.device) -> tuple[torch.nn.Module, timm_dgate.GatedModel]:
-    """A random-init timm model and a gated copy of it with random gate weights (both in eval mode, on ``device``).
-
-    Wrapped on the CPU (FLOPs are counted there), then moved.
-    """
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, in_chans=input_size[0]).eval()
-    gated = timm_dgate.wrap(copy.deepcopy(model), input_size=input_size)
-    for gate in gated.gates:
-        torch.nn.init.normal_(gate.fc.weight, std=0.1)
-    return model.to(device), gated.to(device)
 
 
 def onnx_providers(device: torch.device) -> list[str]:
@@ -184,7 +169,7 @@ def time_ideals(runs: dict[str, Run], modes: list[str], batches: list[torch.Tens
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     input_size = (args.in_chans, args.input_size, args.input_size)
-    plain, gated = build(name, input_size, args.device)
+    plain, gated = random_gated(name, input_size, args.device)
     images = torch.randn(args.images, *input_size, generator=torch.Generator().manual_seed(1)).to(args.device)
     half = list(half_exit_thresholds(gated, images))
     gated.set_thresholds(half)
@@ -244,7 +229,7 @@ def compile_paths(args: argparse.Namespace) -> list[dict[str, float]]:
     first_sizes = [1, 16, 37, 64, 5, 128, 200, 9, 256, 77, 3, 150]
     new_sizes = [2, 23, 50, 99, 7, 180, 31, 240, 11, 60, 130, 4]
     input_size = (args.in_chans, args.input_size, args.input_size)
-    _, gated = build("test_resnet", input_size, args.device)
+    _, gated = random_gated("test_resnet", input_size, args.device)
     images = torch.randn(256, *input_size, generator=torch.Generator().manual_seed(1)).to(args.device)
     half = half_exit_thresholds(gated, images)
     other = (half[0], half[0], math.inf)  # exits at gates 0 and 1: other patterns than the first pass

@@ -16,6 +16,7 @@ while it queues them and the next call's stream waits for the previous one's eve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable, Sequence
@@ -45,15 +46,22 @@ def cuda_capture(fn: Callable[[torch.Tensor], Any], static_input: torch.Tensor) 
     """Capture ``fn(static_input)`` as a CUDA graph: warm-up runs on a side stream (lazy initialisation and
     autotuning stay out of the graph), then the capture. Returns the replay and the graph's outputs."""
     autocast, dtype = _autocast_state(static_input.device)
+
+    def autocast_uncached() -> contextlib.AbstractContextManager:
+        # autocast's cache of cast weights would be freed after capture while the graph still reads them;
+        # warm-up and capture run with the same setting, so a compiled segment's guards hold for both
+        if not autocast:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
     stream = torch.cuda.Stream(static_input.device)
     stream.wait_stream(torch.cuda.current_stream(static_input.device))
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), autocast_uncached():
         for _ in range(WARMUP_RUNS):
             fn(static_input)
     torch.cuda.current_stream(static_input.device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    # autocast's cache of cast weights would be freed after capture while the graph still reads it
-    with torch.cuda.graph(graph), torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+    with torch.cuda.graph(graph), autocast_uncached():
         output = fn(static_input)
     return graph.replay, output
 
