@@ -3,9 +3,9 @@
 ``calibrate``, ``evaluate``, ``bench``, a server and the exported runtime work on anything with
 exits and an :class:`~timm_dgate.core.policy.ExitPolicy` (:class:`ExitModel`); ``fit``, the
 feature cache, ``compile()`` and ``export`` work on a backbone with gates (:class:`GatedBackbone`).
-:class:`~timm_dgate.GatedModel` is both, :class:`~timm_dgate.Cascade` an :class:`ExitModel`, and
-``deploy.runtime.ExportedGatedModel`` a :class:`RunnableExitModel`. These are typing protocols: a
-model satisfies them by having the members, as PEFT's tuners satisfy ``BaseTuner``'s.
+:class:`~timm_dgate.GatedModel` is both; :class:`~timm_dgate.Cascade` and ``deploy.runtime.ExportedGatedModel``
+(an exported folder, float or int8, measured on its own scores) are :class:`ExitModel` s. These are
+typing protocols: a model satisfies them by having the members, as PEFT's tuners satisfy ``BaseTuner``'s.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class RunnableExitModel(Protocol):
 
 
 class ExitModel(RunnableExitModel, Protocol):
-    """An eager model with exits that calibration and evaluation can measure (GatedModel, Cascade)."""
+    """A model with exits that calibration and evaluation can measure (GatedModel, Cascade, an exported runtime)."""
 
     seen_images: SeenImages
     training: bool
@@ -79,8 +79,6 @@ class ExitModel(RunnableExitModel, Protocol):
     def validation_table(self, data: Any, exit_score: str | None = None) -> tuple[ExitTable, str]: ...
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def calibrate(self, data: Any, **target: Any) -> Profile: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
@@ -101,6 +99,8 @@ class GatedBackbone(ExitModel, Protocol):
 
     @property
     def compiled_segments(self) -> list[str]: ...
+
+    def calibrate(self, data: Any, **target: Any) -> Profile: ...
 
     def forward_pooled(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 

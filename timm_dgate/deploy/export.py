@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from ..core.contract import GatedBackbone
 from ..errors import ExportError
 from ..version import __version__
 from .graphs import graphed_modules
-from .runtime import LOADERS, MANIFEST, SUFFIXES, Manifest
+from .quantize import plan_quantization, quantize_segments
+from .runtime import LOADERS, MANIFEST, SUFFIXES, Manifest, file_sha256
+from .runtime_measure import precision
 from .stages import chain_modules
 
 VERIFY_ATOL = 1e-4
@@ -72,7 +75,15 @@ def _verify(load: Callable[[Path], Any], path: Path, module: nn.Module, x: torch
 
 
 @torch.no_grad()
-def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx") -> Path:
+def export(
+    gated: GatedBackbone,
+    folder: str | os.PathLike,
+    format: str = "onnx",
+    *,
+    quantize: str | None = None,
+    calibration: Iterable | None = None,
+    quantize_gates: str | None = None,
+) -> Path:
     """Write ``gated`` to ``folder``: one file per segment (the last gives the logits, each other its
     features and its gate's margins) and ``manifest.json``.
 
@@ -89,6 +100,15 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
     and replaces ``folder`` only then, so a failed export leaves the previous one as it was. The
     folder may hold only an earlier export's files (manifest and segments); anything else is
     refused with :class:`~timm_dgate.errors.ExportError` before writing (it would be lost).
+
+    ``quantize="int8"`` (ONNX only) replaces every segment by onnxruntime's static int8
+    quantization (QDQ, per-channel int8 weights, uint8 activations; ``timm_dgate.deploy.quantize``),
+    its ranges calibrated on ``calibration``: validation images, ``(images, labels)`` batches, at
+    least 64 (the first 512 are used), never ones the gates were fit on or ``evaluate`` measured.
+    ``quantize_gates``: ``"int8"`` (the default) or ``"fp32"`` (the gates' nodes left in float). Exit
+    scores move under quantization: the manifest marks the profiles it carries as chosen on the
+    float model (``chosen_on``); calibrate the runtime itself for thresholds chosen on int8. Every
+    export records its FLOPs per image and the sha256 of its segment files, checked at load.
     """
     if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; expected one of {tuple(WRITERS)}")
@@ -107,11 +127,13 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
     make = torch.Generator().manual_seed(0)
     example = torch.randn((2, *gated.input_size), generator=make).to(param.device, param.dtype)
     steps, head, pieces = chain_modules(gated, example)
+    plan = plan_quantization(gated, format, quantize, calibration, quantize_gates)  # before anything is written
     policy = gated.policy  # read once: the exported thresholds and score are one policy
     if policy.all_closed and not gated.profiles:
         warnings.warn("timm_dgate.export: every gate is closed and there is no profile, so the export never exits "
                       "early until thresholds are set on the runtime (calibrate first)", UserWarning, stacklevel=2)
 
+    costs = gated.costs
     with write_whole(folder, _is_export_file, "an export", ExportError) as new:  # the old export or the new one
         modules: list[nn.Module] = [*steps, head]
         chains = [step.segment for step in steps] + [head]
@@ -129,7 +151,7 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
                     f"cannot export {name} (modules {', '.join(pieces[k])}) as {format}: {error}"
                 ) from error
             example, check = chain(example), chain(check)
-        Manifest(
+        manifest = Manifest(
             format=format,
             architecture=gated.config.architecture,
             num_classes=gated.num_classes,
@@ -142,8 +164,16 @@ def export(gated: GatedBackbone, folder: str | os.PathLike, format: str = "onnx"
             thresholds=policy.thresholds,
             profiles=list(gated.profiles.values()),
             active_profile=policy.profile,
+            costs={"to_gate": list(costs.to_gate), "gate": list(costs.gate), "backbone": costs.backbone},
+            checksums={name: file_sha256(new / name) for name in files},
+            chosen_on=dict.fromkeys(gated.profiles, precision(param.dtype)),
             timm_dgate_version=__version__,
-        ).save(new)
+        )
+        manifest.save(new)
         for module, name, x in zip(modules, files, checks):
             _verify(LOADERS[format], new / name, module, x, Path(folder) / name)
+        if plan is not None:  # the float files checked against eager: quantize them
+            quantization = quantize_segments(plan, new, files, chains, modules)
+            replace(manifest, quantize=plan.kind, quantization=quantization,
+                    checksums={name: file_sha256(new / name) for name in files}).save(new)
     return Path(folder) / MANIFEST

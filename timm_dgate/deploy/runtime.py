@@ -14,26 +14,33 @@ Backends: ``onnx`` (onnxruntime, the ``onnx`` extra) and ``torch`` (``torch.expo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..core.engine import AllExited, ExitResult, ExitRun
 from ..core.policy import ExitPolicy, ExitPolicyOwner
 from ..core.profiles import Profile, decode_thresholds, encode_thresholds
+from ..core.provenance import SeenImages
 from ..core.scores import EXIT_SCORES
 from ..errors import ExportError
+from .runtime_measure import RuntimeMeasures
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SUFFIXES = {"onnx": ".onnx", "torch": ".pt2"}
+QUANTIZED = ("int8",)  # what ``quantize`` may say (None: float segments)
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # a segment file: its outputs
 
@@ -54,14 +61,20 @@ class Manifest:
     thresholds: tuple[float, ...] = ()
     profiles: list[Profile] = field(default_factory=list)
     active_profile: str | None = None
+    # Fields added after format version 1 (an older reader ignores them; a folder without them still loads):
+    costs: dict[str, Any] | None = None  # FLOPs per image (core.costs.GateCosts' fields), counted at export
+    checksums: dict[str, str] = field(default_factory=dict)  # segment file -> sha256, checked at load
+    quantize: str | None = None  # "int8": onnxruntime's static int8 quantization of every segment
+    quantization: dict[str, Any] = field(default_factory=dict)  # how (gates int8 or fp32, calibration images, ...)
+    chosen_on: dict[str, str] = field(default_factory=dict)  # profile -> precision its thresholds were chosen on
     timm_dgate_version: str = ""
     format_version: int = FORMAT_VERSION
 
-    def save(self, folder: Path) -> Path:
+    def save(self, folder: Path, name: str = MANIFEST) -> Path:
         data = asdict(self)
         data["thresholds"] = encode_thresholds(self.thresholds)
         data["profiles"] = [p.to_dict() for p in self.profiles]
-        path = folder / MANIFEST
+        path = folder / name
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
@@ -104,6 +117,16 @@ class Manifest:
             ("boundaries", isinstance(self.boundaries, list) and all(isinstance(b, str) for b in self.boundaries),
              "a list of module names"),
             ("exit_score", self.exit_score in EXIT_SCORES, f"one of {EXIT_SCORES}"),
+            ("costs", self.costs is None or _valid_costs(self.costs, len(self.boundaries)),
+             "null or FLOPs per image: to_gate and gate (one number per gate) and backbone"),
+            ("checksums", _str_map(self.checksums) and all(map(_SHA256.fullmatch, self.checksums.values())),
+             "a map of segment files to sha256 hex digests"),
+            ("quantize", self.quantize is None or (self.quantize in QUANTIZED and self.format == "onnx"),
+             f"null or, for an ONNX export, one of {QUANTIZED}"),
+            ("quantization", isinstance(self.quantization, dict)
+             and (self.quantize is None or self.quantization.get("gates") in ("int8", "fp32")),
+             "a map whose gates is 'int8' or 'fp32' for a quantized export"),
+            ("chosen_on", _str_map(self.chosen_on), "a map of profile names to precisions"),
         ):
             if not ok:
                 raise ExportError(f"{path}: {name} must be {want}, got {getattr(self, name)!r}")
@@ -120,6 +143,14 @@ class Manifest:
         for name in self.segments:  # a .pt2 program is a zip archive, an ONNX model a protobuf
             if zipfile.is_zipfile(folder / name) != (self.format == "torch"):
                 raise ExportError(f"{folder / name} is not a {self.format!r} file, as the format in {path} says")
+        if (self.checksums or self.quantize) and sorted(self.checksums) != sorted(self.segments):
+            carries = "; a quantized export carries them" if self.quantize else ""
+            raise ExportError(f"{path}: checksums must give the sha256 of every segment file "
+                              f"({', '.join(self.segments)}){carries}")
+        for name, digest in self.checksums.items():
+            if file_sha256(folder / name) != digest:
+                raise ExportError(f"{folder / name} does not match its sha256 in {path}: the file changed after "
+                                  "export (damaged, or replaced); export again")
         names = [p.name for p in self.profiles]
         if len(set(names)) != len(names):
             raise ExportError(f"{path}: profiles has a name twice: {names}")
@@ -129,6 +160,27 @@ class Manifest:
 
 def _positive(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _valid_costs(costs: object, num_gates: int) -> bool:
+    def numbers(values: object) -> bool:
+        return (isinstance(values, list) and len(values) == num_gates
+                and all(isinstance(v, (int, float)) for v in values))
+
+    return (isinstance(costs, dict) and numbers(costs.get("to_gate")) and numbers(costs.get("gate"))
+            and isinstance(costs.get("backbone"), (int, float)) and costs["backbone"] > 0)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def onnx_runner(path: Path, providers: Sequence[str] | None = None) -> Runner:
@@ -169,14 +221,16 @@ def torch_runner(path: Path, providers: Sequence[str] | None = None) -> Runner:
 LOADERS: dict[str, Callable[..., Runner]] = {"onnx": onnx_runner, "torch": torch_runner}
 
 
-class ExportedGatedModel(ExitPolicyOwner):
+class ExportedGatedModel(RuntimeMeasures, ExitPolicyOwner):
     """Early exit over a folder written by ``timm_dgate.export``, with the exits and logits of the eager model.
 
     ``model(x)`` gives logits ``(B, num_classes)`` in input order; ``model(x, return_exits=True)``
     an :class:`~timm_dgate.ExitResult` (per sample the gate it left at, ``num_gates`` for the
     head). Thresholds and profiles switch at run time as on a ``GatedModel``. ``providers``:
     onnxruntime execution providers (default: the CPU). ``format``: the folder's format must be
-    this one (``None``: either).
+    this one (``None``: either). ``calibrate`` and ``evaluate`` take it as they take a
+    ``GatedModel``, on its own exit scores (``deploy.runtime_measure``); :meth:`save_profiles`
+    writes what they stored back into the folder.
     """
 
     format: str | None = None
@@ -197,6 +251,8 @@ class ExportedGatedModel(ExitPolicyOwner):
         self.profiles = {p.name: p for p in self.manifest.profiles}
         self.dtype = getattr(torch, self.manifest.dtype)
         self._policy = ExitPolicy(self.manifest.thresholds, self.manifest.exit_score, self.manifest.active_profile)
+        self.seen_images = SeenImages()  # what evaluate measured this runtime on, refused for calibrating it
+        self.chosen_on = dict(self.manifest.chosen_on)
         if profile is not None:
             self.use_profile(profile)
 
@@ -217,9 +273,7 @@ class ExportedGatedModel(ExitPolicyOwner):
         self, x: torch.Tensor, return_exits: bool = False, profile: str | ExitPolicy | None = None
     ) -> torch.Tensor | ExitResult:
         """Logits with early exits, as ``GatedModel.forward``; ``profile``: a name or policy for this call alone."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size:
-            raise ValueError(f"expected images (B, {', '.join(map(str, self.input_size))}), got {tuple(x.shape)}")
-        x = x.to(self.dtype)
+        x = self.check_input(x)
         policy = self.policy_for(profile)  # read once: a switch mid-call does not mix
         run = ExitRun(x.shape[0], x.device)
         try:
@@ -234,8 +288,26 @@ class ExportedGatedModel(ExitPolicyOwner):
         result = run.finish(head, self.num_gates)
         return result if return_exits else result.logits
 
+    def save_profiles(self) -> Path:
+        """Write the stored profiles, the policy in force and where each profile was chosen (``chosen_on``) into the
+        folder's ``manifest.json``, replacing it in one rename; the segment files stay as they are."""
+        policy, profiles = self.policy_to_save()
+        manifest = replace(self.manifest, thresholds=policy.thresholds, exit_score=policy.exit_score,
+                           profiles=profiles, active_profile=policy.profile,
+                           chosen_on={p.name: self.chosen_on.get(p.name, self.precision) for p in profiles})
+        temporary = manifest.save(self.folder, f".{MANIFEST}.new")
+        try:
+            os.replace(temporary, self.folder / MANIFEST)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        self.manifest = manifest
+        return self.folder / MANIFEST
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.folder)!r}, format={self.manifest.format!r}, gates={self.num_gates})"
+        quantized = f", quantize={self.manifest.quantize!r}" if self.manifest.quantize else ""
+        return (f"{type(self).__name__}({str(self.folder)!r}, format={self.manifest.format!r}, "
+                f"gates={self.num_gates}{quantized})")
 
 
 class OnnxGatedModel(ExportedGatedModel):
