@@ -1,5 +1,6 @@
 """Shared fixtures: a small slice of the real Fashion-MNIST, a tiny backbone trained on it, and the Hub stand-ins of
-tests/hub_server.py (helpers live in tests/helpers.py)."""
+tests/hub_server.py (helpers live in tests/helpers.py). Tests marked ``slow`` are skipped unless ``--runslow`` is
+given (``.venv/bin/python -m pytest --runslow tests/test_serve.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from timm_dgate.demo.backbone import cached_backbone
 from timm_dgate.fashion_mnist import load_splits
 
 from .hub_server import FakeHub, intercept_hub
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

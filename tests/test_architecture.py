@@ -27,7 +27,8 @@ MAY_IMPORT = {
     "deploy": {"core"},
     "fashion_mnist": set(),
     "models": BELOW_MODELS,
-    "cli": BELOW_MODELS | {"models", "fashion_mnist", "demo"},
+    "serve": BELOW_MODELS | {"models"},  # Ray Serve applications over folders (ray imported lazily)
+    "cli": BELOW_MODELS | {"models", "fashion_mnist", "demo", "serve"},
     "demo": BELOW_MODELS | {"models", "fashion_mnist", "cli", "timm_dgate"},
     "timm_dgate": BELOW_MODELS | {"models"},  # the package __init__: re-exports only
 }

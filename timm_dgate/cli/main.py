@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (created if needed)")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
     push.set_defaults(func=_push)
+
+    from .serve import add_serve_command
+
+    add_serve_command(sub)
     for command in sub.choices.values():
         command.set_defaults(parser=command)  # errors are reported as the subcommand's
     return parser
