@@ -125,12 +125,16 @@ class ExitRun:
         return assemble(self.batch, pieces, self.alive.device)
 
 
-def assemble(batch: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor, int]], device: torch.device) -> ExitResult:
+def assemble(
+    batch: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]], device: torch.device
+) -> ExitResult:
     """One batch's result from its exit groups ``(rows, logits of those rows, exit)``, rows in input order;
-    shared by :class:`ExitRun` and the refill executor, whose groups come from several stage runs."""
+    the exit is one index for the group or one per row (a cascade's). Shared by :class:`ExitRun`, the
+    refill executor, whose groups come from several stage runs, and the cascade."""
     if len(pieces) == 1:  # all left at one place and nobody before it: rows already in input order
         _, values, k = pieces[0]
-        return ExitResult(values, torch.full((batch,), k, dtype=torch.long, device=device))
+        exits = k if isinstance(k, torch.Tensor) else torch.full((batch,), k, dtype=torch.long, device=device)
+        return ExitResult(values, exits)
     dtype = pieces[-1][1].dtype
     for _, values, _ in pieces:
         dtype = torch.promote_types(dtype, values.dtype)
@@ -138,7 +142,10 @@ def assemble(batch: int, pieces: Sequence[tuple[torch.Tensor, torch.Tensor, int]
     exits = torch.empty(batch, dtype=torch.long, device=device)
     for index, values, k in pieces:
         logits[index] = values.to(dtype)
-        exits.index_fill_(0, index, k)  # not exits[index] = k: on CUDA that copies k to the device and syncs
+        if isinstance(k, torch.Tensor):
+            exits[index] = k
+        else:
+            exits.index_fill_(0, index, k)  # not exits[index] = k: on CUDA that copies k to the device and syncs
     return ExitResult(logits, exits)
 
 

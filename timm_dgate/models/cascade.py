@@ -24,7 +24,7 @@ from ..boundaries.probe import default_input_size
 from ..calibration.calibrate import calibrate, validation_cache
 from ..core.cache import FeatureCache, cache_features
 from ..core.costs import CascadeCosts
-from ..core.engine import ExitResult
+from ..core.engine import ExitResult, assemble
 from ..core.exit_table import ExitTable
 from ..core.policy import ExitPolicy, ExitPolicyOwner, state_from_tensor, state_tensor
 from ..core.profiles import Profile
@@ -163,7 +163,7 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
             alive = alive[stay]
             if not len(alive):
                 break
-        result = _in_input_order(pieces, x.shape[0], x.device)
+        result = assemble(x.shape[0], pieces, x.device)
         return result if return_exits else result.logits
 
     def get_extra_state(self) -> torch.Tensor:
@@ -262,23 +262,6 @@ class Cascade(CascadeHubMixin, PushToHubMixin, ExitPolicyOwner, nn.Module):
 def exit_score_rows(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """A head's exit scores ``(1, N)`` in float64, as :class:`~timm_dgate.ExitTable` holds a gate's."""
     return exit_score(logits, kind).double().unsqueeze(0)
-
-
-def _in_input_order(
-    pieces: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], batch: int, device: torch.device
-) -> ExitResult:
-    """Logits and exits of every member's leavers put back at their input rows."""
-    if len(pieces) == 1 and len(pieces[0][0]) == batch:
-        return ExitResult(pieces[0][1], pieces[0][2])  # everyone left at one member, in input order
-    dtype = pieces[-1][1].dtype
-    for _, logits, _ in pieces:
-        dtype = torch.promote_types(dtype, logits.dtype)
-    logits = torch.empty((batch, pieces[-1][1].shape[1]), dtype=dtype, device=device)
-    exits = torch.empty(batch, dtype=torch.long, device=device)
-    for rows, values, where in pieces:
-        logits[rows] = values.to(dtype)
-        exits[rows] = where
-    return ExitResult(logits, exits)
 
 
 def check_members(members: Sequence[nn.Module]) -> None:
