@@ -58,6 +58,18 @@ def gated_model(device: str = "cpu") -> tuple[timm_dgate.GatedModel, torch.Tenso
     return gated, images, [float(scores[0][40:42].mean()), math.inf, float(scores[2][20:22].mean())]
 
 
+def cuda_syncs(gated: timm_dgate.GatedModel, images: torch.Tensor) -> list[str]:
+    """Where one forward synchronised with the device, as torch's sync debug mode reports it on CUDA."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gated(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
 @torch.no_grad()
 def test_a_gated_forward_syncs_with_the_device_once_per_open_gate_and_never_otherwise():
     gated, images, thresholds = gated_model()
@@ -94,14 +106,7 @@ def test_on_cuda_syncs_are_one_per_open_gate():
     gated, images, thresholds = gated_model("cuda")
     gated.set_thresholds(thresholds)
     gated(images)  # warm-up: lazy initialisation may sync
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            gated(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = cuda_syncs(gated, images)
     assert len(syncs) == 2, syncs  # where they came from, for whoever runs this on a GPU
 
 
@@ -169,14 +174,7 @@ def test_on_cuda_graphs_sync_with_the_host_at_most_once_per_open_gate():
     gated.cuda_graphs()
     for _ in range(2):  # warm-up: captures every bucket this batch reaches
         gated(images)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            gated(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = cuda_syncs(gated, images)
     assert len(syncs) <= 2, syncs  # gates 0 and 2 open; a replay itself waits for nothing
 
 
